@@ -1,0 +1,362 @@
+//! The background side: building clients and deciding when to swap.
+//!
+//! One task per rotating client (the *driver*) sleeps until the current
+//! generation is due, builds its successor (ahead of time for async
+//! factories), waits for room under `max_live_generations`, and swaps.
+//! It holds only a `Weak` reference to the service state, so it never keeps
+//! the service alive, and the state aborts it when the last handle drops.
+
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::hash::{BuildHasher, Hasher};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::futures::Notified;
+use tokio::time::Instant;
+
+use crate::error::RotateError;
+use crate::generation::Core;
+use crate::layer::{Config, DEFAULT_BUILD_AHEAD_MAX};
+use crate::service::Shared;
+use crate::BoxError;
+
+type BuildFuture<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
+
+/// How new clients are made.
+pub(crate) enum Factory<S> {
+    Sync(Arc<dyn Fn() -> S + Send + Sync>),
+    Async(Arc<dyn Fn() -> BuildFuture<S> + Send + Sync>),
+}
+
+impl<S> Clone for Factory<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Factory::Sync(f) => Factory::Sync(Arc::clone(f)),
+            Factory::Async(f) => Factory::Async(Arc::clone(f)),
+        }
+    }
+}
+
+impl<S: 'static> Factory<S> {
+    pub(crate) fn from_sync<F>(f: F) -> Self
+    where
+        F: Fn() -> S + Send + Sync + 'static,
+    {
+        Factory::Sync(Arc::new(f))
+    }
+
+    pub(crate) fn from_async<M, Fut, E>(make: M) -> Self
+    where
+        M: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        Factory::Async(Arc::new(move || {
+            let fut = make();
+            Box::pin(async move { fut.await.map_err(Into::into) }) as BuildFuture<S>
+        }))
+    }
+
+    fn is_async(&self) -> bool {
+        matches!(self, Factory::Async(_))
+    }
+
+    /// Builds one client. Never panics: a panicking factory is an error.
+    pub(crate) async fn build(&self, timeout: Duration) -> Result<S, RotateError> {
+        match self {
+            Factory::Sync(make) => catch_unwind(AssertUnwindSafe(|| make()))
+                .map_err(|panic| RotateError::panicked(panic.as_ref())),
+            Factory::Async(make) => {
+                let fut = catch_unwind(AssertUnwindSafe(|| make()))
+                    .map_err(|panic| RotateError::panicked(panic.as_ref()))?;
+                match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
+                    Err(_elapsed) => Err(RotateError::timed_out(timeout)),
+                    Ok(Err(panic)) => Err(panic),
+                    Ok(Ok(Err(error))) => Err(RotateError::failed(error)),
+                    Ok(Ok(Ok(client))) => Ok(client),
+                }
+            }
+        }
+    }
+}
+
+impl<S> fmt::Debug for Factory<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Factory::Sync(_) => "Factory::Sync",
+            Factory::Async(_) => "Factory::Async",
+        })
+    }
+}
+
+/// Turns a panic while polling the build future into an error.
+struct CatchUnwind<F>(Pin<Box<F>>)
+where
+    F: ?Sized;
+
+impl<T, F> Future for CatchUnwind<F>
+where
+    F: Future<Output = T> + ?Sized,
+{
+    type Output = Result<T, RotateError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(panic) => Poll::Ready(Err(RotateError::panicked(panic.as_ref()))),
+        }
+    }
+}
+
+/// A small lock-free random source: splitmix64 over an atomic counter,
+/// seeded per rotating client from the standard library's random keys, so
+/// that two clients created at the same moment draw different jitter.
+pub(crate) struct Rng(AtomicU64);
+
+impl Rng {
+    pub(crate) fn new() -> Self {
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Rng(AtomicU64::new(seed))
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub(crate) fn next_f64(&self) -> f64 {
+        let mut z = self
+            .0
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // 53 random bits, the precision of an f64 mantissa.
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl fmt::Debug for Rng {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Rng")
+    }
+}
+
+/// `ttl * (1 - jitter * u)`: jitter only shortens a lifetime.
+pub(crate) fn lifetime(ttl: Duration, jitter: f64, u: f64) -> Duration {
+    let cut = ttl.as_secs_f64() * jitter * u;
+    // `cut <= ttl`, so this never underflows; `try_from` guards NaN/inf.
+    ttl.saturating_sub(Duration::try_from_secs_f64(cut).unwrap_or(Duration::ZERO))
+}
+
+/// Delay before retry number `failures` (1-based): doubling from `min`,
+/// capped at `max`, with up to half taken off at random.
+pub(crate) fn backoff(config: &Config, failures: u32, u: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(32);
+    let base = config
+        .backoff_min
+        .checked_mul(1u32 << exp.min(31))
+        .unwrap_or(config.backoff_max)
+        .min(config.backoff_max);
+    base.saturating_sub(base.mul_f64(0.5 * u))
+}
+
+/// How long before expiry an async build starts.
+fn build_ahead(config: &Config, lifetime: Duration) -> Duration {
+    match config.build_ahead {
+        Some(ahead) => ahead.min(lifetime),
+        None => (lifetime / 10).min(DEFAULT_BUILD_AHEAD_MAX),
+    }
+}
+
+/// Sleeps are cut into pieces of at most this, so that far deadlines (a
+/// TTL of years, or `Duration::MAX`) never overflow the timer.
+const MAX_SLEEP: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Waits until `deadline` (`None`: forever) or until `notified` fires.
+/// Returns `true` if the deadline was reached.
+async fn sleep_until_or(deadline: Option<Instant>, mut notified: Pin<&mut Notified<'_>>) -> bool {
+    loop {
+        let now = Instant::now();
+        let step = match deadline {
+            Some(deadline) if deadline <= now => return true,
+            Some(deadline) => deadline.min(now + MAX_SLEEP),
+            None => now + MAX_SLEEP,
+        };
+        let mut sleep = pin!(tokio::time::sleep_until(step));
+        let woke = poll_fn(|cx| {
+            if notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            sleep.as_mut().poll(cx).map(|()| false)
+        })
+        .await;
+        if woke {
+            return false;
+        }
+    }
+}
+
+/// Waits until a swap would keep the live generations within the cap.
+pub(crate) async fn wait_for_room<S: Clone + Send + Sync + 'static>(
+    core: &Core<S>,
+    shared: &Weak<Shared<S>>,
+    max_live: Option<usize>,
+) {
+    let Some(max) = max_live else { return };
+    loop {
+        let mut retired = pin!(core.retired.notified());
+        retired.as_mut().enable();
+        let live = core.live_count();
+        if max >= 2 && live < max {
+            return;
+        }
+        if max == 1 {
+            // Room only once the current generation itself is idle.
+            let idle = shared
+                .upgrade()
+                .is_none_or(|shared| shared.current_is_idle());
+            if live <= 1 && idle {
+                return;
+            }
+            let recheck = Instant::now() + Duration::from_millis(100);
+            let mut tick = pin!(tokio::time::sleep_until(recheck));
+            poll_fn(|cx| {
+                if retired.as_mut().poll(cx).is_ready() || tick.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            continue;
+        }
+        retired.await;
+    }
+}
+
+/// One background build. On failure, returns the backoff delay.
+async fn build<S: 'static>(
+    factory: &Factory<S>,
+    config: &Config,
+    core: &Core<S>,
+    current_id: u64,
+    failures: &mut u32,
+) -> Result<S, Duration> {
+    let started = Instant::now();
+    crate::trace::build_started(current_id + 1);
+    match factory.build(config.build_timeout).await {
+        Ok(client) => {
+            crate::trace::build_succeeded(started.elapsed());
+            *failures = 0;
+            Ok(client)
+        }
+        Err(error) => {
+            core.failed_builds.fetch_add(1, Ordering::Relaxed);
+            *failures = failures.saturating_add(1);
+            let delay = backoff(config, *failures, core.rng.next_f64());
+            crate::trace::build_failed(&error, *failures, delay);
+            Err(delay)
+        }
+    }
+}
+
+/// The background task. Returns when the service state is gone.
+pub(crate) async fn drive<S>(shared: Weak<Shared<S>>, core: Arc<Core<S>>)
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<Instant> = None;
+    // A client built for the successor of generation `.0`.
+    let mut prebuilt: Option<(u64, S)> = None;
+    loop {
+        let mut changed = pin!(core.changed.notified());
+        changed.as_mut().enable();
+
+        let Some(state) = shared.upgrade() else {
+            return;
+        };
+        let (current_id, born, expires_at) = state.current_deadline();
+        let factory = state.factory.clone();
+        let config = Arc::clone(&state.config);
+        drop(state);
+
+        if prebuilt.as_ref().is_some_and(|(id, _)| *id != current_id) {
+            // Somebody rotated while we were building: the prebuilt client
+            // may carry what that rotation meant to replace.
+            prebuilt = None;
+        }
+
+        let build_at = match (expires_at, &prebuilt) {
+            (None, _) => None,
+            (Some(expires), Some(_)) => Some(expires),
+            (Some(expires), None) if factory.is_async() => {
+                let lifetime = expires.saturating_duration_since(born);
+                Some(expires - build_ahead(&config, lifetime))
+            }
+            (Some(expires), None) => Some(expires),
+        };
+        let wake = match (build_at, retry_at) {
+            (Some(at), Some(retry)) => Some(at.max(retry)),
+            (at, _) => at,
+        };
+        if !sleep_until_or(wake, changed.as_mut()).await {
+            // The current generation changed (a `rotate()`): start over.
+            continue;
+        }
+
+        if factory.is_async()
+            && prebuilt.is_none()
+            && expires_at.is_some_and(|e| Instant::now() < e)
+        {
+            // Build ahead of expiry, so the swap never waits for a connect.
+            match build(&factory, &config, &core, current_id, &mut failures).await {
+                Ok(client) => {
+                    retry_at = None;
+                    prebuilt = Some((current_id, client));
+                }
+                Err(delay) => retry_at = Some(Instant::now() + delay),
+            }
+            continue;
+        }
+
+        // The current generation is due: swap, one rotation at a time.
+        let Some(state) = shared.upgrade() else {
+            return;
+        };
+        let lock = Arc::clone(&state.rotation_lock);
+        drop(state);
+        let _rotation = lock.lock().await;
+        wait_for_room(&core, &shared, config.max_live).await;
+        let Some(state) = shared.upgrade() else {
+            return;
+        };
+        if state.current_deadline().0 != current_id {
+            // `rotate()` swapped while we waited: start over.
+            continue;
+        }
+        drop(state);
+        let client = match prebuilt.take() {
+            Some((_, client)) => client,
+            None => match build(&factory, &config, &core, current_id, &mut failures).await {
+                Ok(client) => client,
+                Err(delay) => {
+                    retry_at = Some(Instant::now() + delay);
+                    continue;
+                }
+            },
+        };
+        retry_at = None;
+        let Some(state) = shared.upgrade() else {
+            return;
+        };
+        state.install(client);
+    }
+}

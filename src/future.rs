@@ -1,0 +1,60 @@
+//! [`ResponseFuture`]: carries the generation's lease until the response
+//! arrives, then hands it to the body.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+
+use crate::body::ResponseBody;
+use crate::generation::Lease;
+
+pin_project! {
+    /// Response future of [`RotatingClient`](crate::RotatingClient).
+    ///
+    /// Keeps the generation that serves the request alive until the inner
+    /// future finishes. On a response, the lease moves into the
+    /// [`ResponseBody`]; on an error, or if the future is dropped, it is
+    /// released at once. Errors pass through unchanged.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        lease: Option<Lease>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    #[inline]
+    pub(crate) fn new(inner: F, lease: Lease) -> Self {
+        ResponseFuture {
+            inner,
+            lease: Some(lease),
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: http_body::Body,
+{
+    type Output = Result<http::Response<ResponseBody<B>>, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let lease = this.lease.take();
+        Poll::Ready(result.map(|response| response.map(|body| ResponseBody::new(body, lease))))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("generation", &self.lease.as_ref().map(Lease::generation_id))
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,187 @@
+//! Renew a long-lived HTTP client on a TTL without cutting a single
+//! in-flight response.
+//!
+//! Long-lived clients have to be rebuilt from time to time: DNS changes,
+//! backends scale, HTTP/2 connections stay pinned to one backend,
+//! credentials and TLS material rotate, pools go bad. The usual fix is to
+//! rebuild the client every N minutes, and the usual bug comes with it: the
+//! old client is torn down while responses are still streaming through it.
+//! A proxy that closes its evicted client every hour cuts every stream that
+//! was open at that moment, and because replicas start together, the whole
+//! fleet does it in the same second.
+//!
+//! [`RotatingClientLayer`] turns a *factory* of client services into one
+//! [`RotatingClient`] service. It swaps in a freshly built client every TTL
+//! (with jitter), and keeps each retired client alive exactly as long as a
+//! response that came from it is still in flight.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use http_body_util::BodyExt;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_rotating_client::RotatingClientLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! // Any `Clone` service that returns `http::Response<B>` works as a client:
+//! // hyper-util's `Client`, a tonic `Channel`, or, here, an echo service.
+//! let make_client = || {
+//!     service_fn(|request: http::Request<String>| async move {
+//!         Ok::<_, Infallible>(http::Response::new(request.into_body()))
+//!     })
+//! };
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(RotatingClientLayer::new(Duration::from_secs(15 * 60)))
+//!     .service(make_client);
+//!
+//! let response = client.clone().oneshot(http::Request::new("hello".to_owned())).await?;
+//! assert_eq!(client.stats().in_flight, 1, "the body still leases generation 1");
+//! let body = response.into_body().collect().await?.to_bytes();
+//! assert_eq!(body, "hello");
+//! assert_eq!(client.stats().in_flight, 0, "released at end of stream");
+//!
+//! // Credentials changed? Rotate now; the next request uses the new client.
+//! let generation = client.rotate().await?;
+//! assert_eq!(generation, 2);
+//! assert_eq!(client.stats().current_generation, 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The async, fallible factory connects before a generation becomes
+//! current; with tonic:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use std::time::Duration;
+//! use tonic::transport::Endpoint;
+//! use tower_rotating_client::RotatingClientLayer;
+//!
+//! let endpoint = Endpoint::from_static("http://127.0.0.1:50051");
+//! let channel = RotatingClientLayer::new(Duration::from_secs(30 * 60))
+//!     .layer_async(move || {
+//!         let endpoint = endpoint.clone();
+//!         async move { endpoint.connect().await }
+//!     })
+//!     .await?; // the first connect's error reaches you here
+//! let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+//! # let _ = &mut health;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The lifecycle of a generation
+//!
+//! A *generation* is one client built by the factory, with an id (the first
+//! is `1`) and some bookkeeping.
+//!
+//! 1. **Built.** The first generation is built inside
+//!    [`layer`](tower_layer::Layer::layer) (or
+//!    [`layer_async`](RotatingClientLayer::layer_async)), so its failure
+//!    reaches the caller. Later ones are built off the request path by a
+//!    background task: a sync factory is called when the current generation
+//!    expires; an async factory is started [`build_ahead`] of expiry, so
+//!    that it has connected by the time it becomes current. A build that
+//!    fails, panics or exceeds [`build_timeout`] leaves the current
+//!    generation serving, is counted in [`Stats::failed_builds`], and is
+//!    retried with capped backoff ([`build_backoff`]). No request ever waits
+//!    for a build, and no request fails because of one.
+//! 2. **Current.** It serves every request whose `poll_ready` starts while
+//!    it is current, for `ttl * (1 - jitter * u)`, `u` uniform in `[0, 1)`.
+//!    Jitter only shortens a lifetime: the TTL is an upper bound, derived by
+//!    users from hard limits such as a credential's lifetime, and a
+//!    generation outlives it only by scheduling delay, a build slower than
+//!    [`build_ahead`], failed builds, or the [`max_live_generations`] cap.
+//!    [`RotatingClient::rotate`] swaps early, on demand. A TTL of
+//!    `Duration::MAX` never rotates on time.
+//! 3. **Draining.** Once swapped out, it serves nothing new, but stays
+//!    alive while anything still *leases* it: a response future, a response
+//!    body that has not reached its end, or a handle between a Ready
+//!    `poll_ready` and `call`. A body lets go at end of stream (including
+//!    trailers), on error, or on drop, whichever comes first; an empty body
+//!    (HEAD, 204) never holds on. Idle handles lease nothing.
+//! 4. **Retired.** When the last lease goes, the generation is retired, on
+//!    the thread that released it: its client is handed to the
+//!    [`on_retire`] hook, or dropped. Every generation is retired exactly
+//!    once, including the last one when every handle and response is gone.
+//!    [`drain_timeout`] can cut draining short; see there for exactly what
+//!    happens to the open responses.
+//!
+//! Dropping the last handle stops the background task and the drain
+//! timers; generations still draining then retire on their own when their
+//! last response ends. Nothing is leaked.
+//!
+//! # The tower contract
+//!
+//! - `type Error = S::Error`: errors of the inner client pass through
+//!   untouched, for requests and bodies alike. Rotation has no error of its
+//!   own on the request path.
+//! - `poll_ready` reserves the current generation and readies a clone of its
+//!   client; `call` uses exactly that clone, even if a swap happened in
+//!   between. A handle that returned `Pending` reserves nothing. Calling
+//!   `call` without a Ready `poll_ready` panics.
+//! - A clone of a handle starts with nothing reserved.
+//! - A handle keeps the clone of the client it last used, to reuse while its
+//!   generation is current. That stale clone does not delay retirement, but
+//!   lives until the handle is next polled or dropped.
+//! - The response future and body are named types, [`ResponseFuture`] and
+//!   [`ResponseBody`], with no boxing. The hot path (`poll_ready`, `call`,
+//!   `poll_frame`) takes no lock, allocates nothing and reads no clock: an
+//!   arc-swap load, one reference count, and one relaxed counter.
+//!
+//! # Runtime
+//!
+//! Constructing a [`RotatingClient`] needs no runtime. Using it needs a
+//! Tokio runtime with the time driver: the rotation timer starts there on
+//! first use (or at construction, if a runtime is present), and keeps
+//! running on that runtime. All timing goes through `tokio::time`, so
+//! `tokio::time::pause()` and `advance()` drive rotation deterministically.
+//!
+//! # Feature flags
+//!
+//! - `tracing`: emits lifecycle events (build started, failed and
+//!   succeeded, swap, retired) with the generation id, its age, requests
+//!   served, in-flight count at swap and drain duration. Off by default;
+//!   without it, the events compile to nothing.
+//!
+//! [`build_ahead`]: RotatingClientLayer::build_ahead
+//! [`build_timeout`]: RotatingClientLayer::build_timeout
+//! [`build_backoff`]: RotatingClientLayer::build_backoff
+//! [`max_live_generations`]: RotatingClientLayer::max_live_generations
+//! [`drain_timeout`]: RotatingClientLayer::drain_timeout
+//! [`on_retire`]: RotatingClientLayer::on_retire
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod driver;
+mod error;
+mod future;
+mod generation;
+mod layer;
+mod service;
+mod stats;
+#[cfg(test)]
+mod testing;
+mod trace;
+
+pub use body::ResponseBody;
+pub use error::RotateError;
+pub use future::ResponseFuture;
+pub use layer::{RetireHook, RotatingClientLayer};
+pub use service::RotatingClient;
+pub use stats::{GenerationStats, RetiredGeneration, Stats};
+
+/// A boxed error, the bound on an async factory's error type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
