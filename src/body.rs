@@ -91,7 +91,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use std::sync::Arc;
 

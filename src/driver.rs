@@ -268,7 +268,7 @@ async fn build<S: 'static>(
 }
 
 /// The background task. Returns when the service state is gone.
-pub(crate) async fn drive<S>(shared: Weak<Shared<S>>, core: Arc<Core<S>>)
+pub(crate) async fn drive<S>(shared: Weak<Shared<S>>, core: crate::sync::Arc<Core<S>>)
 where
     S: Clone + Send + Sync + 'static,
 {

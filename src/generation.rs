@@ -20,30 +20,90 @@
 //! go of the template client early. The `retired` flag makes sure that the
 //! later `Drop` does not retire it a second time.
 
-use std::any::Any;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::driver::Rng;
 use crate::layer::RetireHook;
 use crate::stats::{GenerationStats, RetiredGeneration};
+use crate::sync::{
+    self, Arc, AtomicBool, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard, SwapOption,
+};
+
+/// The generations of one rotating client: the current slot and the
+/// bookkeeping behind it. This is the whole protocol that loom checks.
+pub(crate) struct Generations<S: 'static> {
+    current: Swap<Generation<S>>,
+    core: Arc<Core<S>>,
+}
+
+impl<S: Send + Sync + 'static> Generations<S> {
+    /// The first generation, current from now for `lifetime`.
+    pub(crate) fn new(
+        hook: std::sync::Arc<dyn RetireHook<S>>,
+        first: S,
+        lifetime: Duration,
+    ) -> Self {
+        let core = Core::new(hook);
+        let generation = Core::new_generation(&core, first, lifetime);
+        Generations {
+            current: Swap::new(generation),
+            core,
+        }
+    }
+
+    /// Makes `client` current for `lifetime`. Returns the new id and the
+    /// old generation, which starts draining and retires when the caller
+    /// drops it and nothing else holds it.
+    pub(crate) fn install(&self, client: S, lifetime: Duration) -> (u64, Arc<Generation<S>>) {
+        let generation = Core::new_generation(&self.core, client, lifetime);
+        let id = generation.id;
+        let old = self.current.swap(generation);
+        old.start_draining();
+        self.core.rotations.fetch_add(1, Ordering::Relaxed);
+        self.core.changed.notify_waiters();
+        (id, old)
+    }
+
+    /// Whether nothing but the slot holds the current generation.
+    pub(crate) fn current_is_idle(&self) -> bool {
+        let current = self.current.load_full();
+        Arc::strong_count(&current) <= 2
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core<S>> {
+        &self.core
+    }
+}
+
+impl<S: 'static> Generations<S> {
+    /// A short-lived read of the current generation.
+    #[inline]
+    pub(crate) fn load(&self) -> SwapGuard<Generation<S>> {
+        self.current.load()
+    }
+}
+
+/// Turns a read of the slot into a reservation of that generation.
+#[inline]
+pub(crate) fn pin<S>(current: SwapGuard<Generation<S>>) -> Arc<Generation<S>> {
+    sync::into_arc(current)
+}
 
 /// State shared by every generation of one rotating client.
 ///
 /// It outlives the handles: a generation that is still draining after the
 /// last handle is gone needs it to retire itself.
 pub(crate) struct Core<S: 'static> {
-    hook: Arc<dyn RetireHook<S>>,
+    hook: std::sync::Arc<dyn RetireHook<S>>,
     /// Weak references to the live generations, oldest first. Touched only
     /// when a generation is built or retired and by `stats()`.
-    live: Mutex<Vec<(u64, Weak<Generation<S>>)>>,
+    live: Mutex<Registry<S>>,
     live_count: AtomicUsize,
     next_id: AtomicU64,
     /// Woken whenever a generation retires (room under the cap).
@@ -58,10 +118,10 @@ pub(crate) struct Core<S: 'static> {
 }
 
 impl<S: Send + Sync + 'static> Core<S> {
-    pub(crate) fn new(hook: Arc<dyn RetireHook<S>>) -> Arc<Self> {
+    fn new(hook: std::sync::Arc<dyn RetireHook<S>>) -> Arc<Self> {
         Arc::new(Core {
             hook,
-            live: Mutex::new(Vec::new()),
+            live: Mutex::new(Registry::default()),
             live_count: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             retired: Notify::new(),
@@ -75,26 +135,21 @@ impl<S: Send + Sync + 'static> Core<S> {
 
     /// Wraps a freshly built client into a new generation, born now and
     /// due after `lifetime`, and registers it as live.
-    pub(crate) fn new_generation(
-        self: &Arc<Self>,
-        client: S,
-        lifetime: Duration,
-    ) -> Arc<Generation<S>> {
-        let born = Instant::now();
+    fn new_generation(this: &Arc<Self>, client: S, lifetime: Duration) -> Arc<Generation<S>> {
+        let born = sync::now();
         let generation = Arc::new(Generation {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id: this.next_id.fetch_add(1, Ordering::Relaxed),
             born,
             // An overflow (a TTL of `Duration::MAX`) means never.
             expires_at: born.checked_add(lifetime),
-            client: ArcSwapOption::from_pointee(client),
+            client: SwapOption::from_pointee(client),
             served: AtomicU64::new(0),
             draining_since: Mutex::new(None),
             retired: AtomicBool::new(false),
-            core: Arc::clone(self),
+            core: Arc::clone(this),
         });
-        self.live_count.fetch_add(1, Ordering::AcqRel);
-        self.lock_live()
-            .push((generation.id, Arc::downgrade(&generation)));
+        this.live_count.fetch_add(1, Ordering::AcqRel);
+        this.lock_live().add(&generation);
         generation
     }
 }
@@ -105,7 +160,7 @@ impl<S: 'static> Core<S> {
         self.live_count.load(Ordering::Acquire)
     }
 
-    fn lock_live(&self) -> MutexGuard<'_, Vec<(u64, Weak<Generation<S>>)>> {
+    fn lock_live(&self) -> MutexGuard<'_, Registry<S>> {
         // The lock is never held across user code, but a poisoned lock must
         // not turn into a panic in `Drop`.
         self.live
@@ -120,15 +175,8 @@ impl<S: 'static> Core<S> {
         // Upgrade under the lock, but drop the strong references only after
         // it is released: dropping the last one retires the generation,
         // which takes the lock again.
-        let generations: Vec<(usize, Arc<Generation<S>>)> = self
-            .lock_live()
-            .iter()
-            .filter_map(|(_, weak)| {
-                let strong = weak.strong_count();
-                weak.upgrade().map(|generation| (strong, generation))
-            })
-            .collect();
-        let now = Instant::now();
+        let generations = self.lock_live().upgrade_all();
+        let now = sync::now();
         generations
             .iter()
             .filter(|(_, generation)| !generation.retired.load(Ordering::Acquire))
@@ -153,10 +201,7 @@ impl<S: 'static> Core<S> {
     /// Bookkeeping of a retirement, with the client to hand to the hook.
     /// Runs exactly once per generation (guarded by `Generation::retired`).
     fn retire(&self, id: u64, client: Option<S>, info: RetiredGeneration) {
-        {
-            let mut live = self.lock_live();
-            live.retain(|(live_id, _)| *live_id != id);
-        }
+        self.lock_live().remove(id);
         self.live_count.fetch_sub(1, Ordering::AcqRel);
         crate::trace::retired(&info);
         if let Some(client) = client {
@@ -181,7 +226,7 @@ pub(crate) struct Generation<S: 'static> {
     pub(crate) expires_at: Option<Instant>,
     /// The template that handles clone their client from. Emptied only by
     /// `force_retire` and by the final retirement.
-    client: ArcSwapOption<S>,
+    client: SwapOption<S>,
     /// Requests served. One relaxed add per call, on the cache line the
     /// reservation already wrote.
     served: AtomicU64,
@@ -214,7 +259,7 @@ impl<S: 'static> Generation<S> {
             .draining_since
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        since.get_or_insert_with(Instant::now);
+        since.get_or_insert_with(sync::now);
     }
 
     pub(crate) fn draining_since(&self) -> Option<Instant> {
@@ -225,7 +270,7 @@ impl<S: 'static> Generation<S> {
     }
 
     fn retired_info(&self, forced: bool, in_flight: usize) -> RetiredGeneration {
-        let now = Instant::now();
+        let now = sync::now();
         RetiredGeneration {
             id: self.id,
             age: now.saturating_duration_since(self.born),
@@ -244,16 +289,16 @@ impl<S: 'static> Generation<S> {
     /// never sees a client with responses in flight). Responses still open
     /// keep running on whatever the inner client's own futures and bodies
     /// hold; their leases no longer pin anything.
-    pub(crate) fn force_retire(self: &Arc<Self>) -> bool {
-        if self.retired.swap(true, Ordering::AcqRel) {
+    pub(crate) fn force_retire(this: &Arc<Self>) -> bool {
+        if this.retired.swap(true, Ordering::AcqRel) {
             return false;
         }
         // Our own reference is not in flight.
-        let in_flight = Arc::strong_count(self).saturating_sub(1);
-        let info = self.retired_info(true, in_flight);
-        let client = self.client.swap(None);
-        self.core.forced_retirements.fetch_add(1, Ordering::Relaxed);
-        self.core.retire(self.id, None, info);
+        let in_flight = Arc::strong_count(this).saturating_sub(1);
+        let info = this.retired_info(true, in_flight);
+        let client = this.client.swap(None);
+        this.core.forced_retirements.fetch_add(1, Ordering::Relaxed);
+        this.core.retire(this.id, None, info);
         // Readers that are cloning right now hold their own reference to
         // the template; it goes when they are done.
         drop(client);
@@ -263,10 +308,10 @@ impl<S: 'static> Generation<S> {
 
 impl<S: 'static> Drop for Generation<S> {
     fn drop(&mut self) {
-        if *self.retired.get_mut() {
+        // A plain swap, not `get_mut`, which loom's atomics lack.
+        if self.retired.swap(true, Ordering::AcqRel) {
             return;
         }
-        *self.retired.get_mut() = true;
         let info = self.retired_info(false, 0);
         // Nobody else can hold a reference now, so the template is ours.
         let client = self
@@ -280,9 +325,14 @@ impl<S: 'static> Drop for Generation<S> {
 /// What a response future or body holds: a type-erased strong reference
 /// to its generation. Erasing `S` keeps the future and body types generic
 /// over the inner future and body only.
+#[cfg(not(loom))]
 pub(crate) struct Lease(Arc<dyn Leased>);
 
-pub(crate) trait Leased: Any + Send + Sync {
+/// Under loom, whose `Arc` cannot be unsized, a box around the `Arc`.
+#[cfg(loom)]
+pub(crate) struct Lease(Box<dyn Leased>);
+
+pub(crate) trait Leased: Send + Sync + 'static {
     fn id(&self) -> u64;
 }
 
@@ -292,14 +342,24 @@ impl<S: Send + Sync + 'static> Leased for Generation<S> {
     }
 }
 
+#[cfg(loom)]
+impl<S: Send + Sync + 'static> Leased for Arc<Generation<S>> {
+    fn id(&self) -> u64 {
+        self.as_ref().id
+    }
+}
+
 impl Lease {
     #[inline]
     pub(crate) fn new<S: Send + Sync + 'static>(generation: Arc<Generation<S>>) -> Self {
-        Lease(generation)
+        #[cfg(not(loom))]
+        return Lease(generation);
+        #[cfg(loom)]
+        return Lease(Box::new(generation));
     }
 
     /// A lease on anything, for tests that watch when it is released.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn from_arc(leased: Arc<dyn Leased>) -> Self {
         Lease(leased)
     }
@@ -313,5 +373,275 @@ impl Lease {
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Lease").field(&self.0.id()).finish()
+    }
+}
+
+/// Weak references to the live generations, oldest first, for `stats()`.
+/// Loom has no `Weak`; under loom the registry keeps nothing.
+struct Registry<S: 'static> {
+    #[cfg(not(loom))]
+    entries: Vec<(u64, std::sync::Weak<Generation<S>>)>,
+    #[cfg(loom)]
+    entries: std::marker::PhantomData<S>,
+}
+
+impl<S> Default for Registry<S> {
+    fn default() -> Self {
+        Registry {
+            entries: Default::default(),
+        }
+    }
+}
+
+#[cfg(not(loom))]
+impl<S> Registry<S> {
+    fn add(&mut self, generation: &Arc<Generation<S>>) {
+        self.entries
+            .push((generation.id, Arc::downgrade(generation)));
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.entries.retain(|(live_id, _)| *live_id != id);
+    }
+
+    /// Each live generation with its strong count, read before upgrading.
+    /// The caller must drop the result only after releasing the lock:
+    /// dropping the last reference retires, which takes the lock.
+    fn upgrade_all(&self) -> Vec<(usize, Arc<Generation<S>>)> {
+        self.entries
+            .iter()
+            .filter_map(|(_, weak)| {
+                let strong = weak.strong_count();
+                weak.upgrade().map(|generation| (strong, generation))
+            })
+            .collect()
+    }
+}
+
+#[cfg(loom)]
+impl<S> Registry<S> {
+    fn add(&mut self, _generation: &Arc<Generation<S>>) {}
+
+    fn remove(&mut self, _id: u64) {}
+
+    fn upgrade_all(&self) -> Vec<(usize, Arc<Generation<S>>)> {
+        Vec::new()
+    }
+}
+
+/// Model checks of the generation protocol. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+///
+/// Each model asserts that a generation is never retired while a lease
+/// holds it, that every generation is retired exactly once, and that none
+/// is leaked (loom also fails a model that leaks an `Arc`).
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use std::time::Duration;
+
+    use loom::thread;
+
+    use super::{pin, Generation, Generations, Lease};
+    use crate::stats::RetiredGeneration;
+    use crate::sync::{Arc, Mutex};
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[derive(Clone, Debug)]
+    struct Client(u64);
+
+    /// Retirements seen by the hook (client ids), plus forced ones.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<(u64, bool)>>>);
+
+    impl Log {
+        fn generations(&self) -> Generations<Client> {
+            let log = self.clone();
+            let hook = move |_client: Client, generation: RetiredGeneration| {
+                log.0
+                    .lock()
+                    .expect("loom mutex")
+                    .push((generation.id, false));
+            };
+            Generations::new(std::sync::Arc::new(hook), Client(1), TTL)
+        }
+
+        fn record_forced(&self, id: u64) {
+            self.0.lock().expect("loom mutex").push((id, true));
+        }
+
+        fn is_retired(&self, id: u64) -> bool {
+            self.0
+                .lock()
+                .expect("loom mutex")
+                .iter()
+                .any(|(retired, _)| *retired == id)
+        }
+
+        /// Asserts that exactly `ids` were retired, each exactly once.
+        fn assert_retired_once(&self, ids: &[u64]) {
+            let mut retired: Vec<u64> = self
+                .0
+                .lock()
+                .expect("loom mutex")
+                .iter()
+                .map(|(id, _)| *id)
+                .collect();
+            retired.sort_unstable();
+            assert_eq!(retired, ids, "every generation retired exactly once");
+        }
+    }
+
+    /// What a handle does in `poll_ready` + `call`: read the slot, clone
+    /// the client, pin the generation into a lease.
+    fn lease_current(generations: &Generations<Client>) -> (u64, Lease) {
+        let current = generations.load();
+        let client = current
+            .clone_client()
+            .expect("the current generation is never force-retired");
+        assert_eq!(client.0, current.id);
+        (current.id, Lease::new(pin(current)))
+    }
+
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut builder = loom::model::Builder::new();
+        if builder.preemption_bound.is_none() {
+            builder.preemption_bound = Some(3);
+        }
+        builder.check(f);
+    }
+
+    #[test]
+    fn loom_swap_racing_a_pin() {
+        model(|| {
+            let log = Log::default();
+            let generations = Arc::new(log.generations());
+            let handle = {
+                let (generations, log) = (Arc::clone(&generations), log.clone());
+                thread::spawn(move || {
+                    let (id, lease) = lease_current(&generations);
+                    thread::yield_now();
+                    assert!(!log.is_retired(id), "generation {id} retired under a lease");
+                    drop(lease);
+                })
+            };
+            let (id, old) = generations.install(Client(2), TTL);
+            assert_eq!(id, 2);
+            drop(old);
+            handle.join().expect("no panic");
+            assert!(
+                log.is_retired(1),
+                "generation 1 retires once its lease is gone"
+            );
+            assert_eq!(generations.core().live_count(), 1);
+            drop(generations);
+            log.assert_retired_once(&[1, 2]);
+        });
+    }
+
+    #[test]
+    fn loom_body_end_racing_a_swap() {
+        model(|| {
+            let log = Log::default();
+            let generations = Arc::new(log.generations());
+            let (id, lease) = lease_current(&generations);
+            let body = {
+                let log = log.clone();
+                thread::spawn(move || {
+                    assert!(!log.is_retired(id), "retired while the body streams");
+                    drop(lease); // end of stream
+                })
+            };
+            let (_, old) = generations.install(Client(2), TTL);
+            drop(old);
+            body.join().expect("no panic");
+            log.assert_retired_once(&[1]);
+            assert_eq!(generations.core().live_count(), 1);
+            drop(generations);
+            log.assert_retired_once(&[1, 2]);
+        });
+    }
+
+    #[test]
+    fn loom_two_handles_drop_the_last_leases_at_once() {
+        model(|| {
+            let log = Log::default();
+            let generations = log.generations();
+            let (_, first) = lease_current(&generations);
+            let (_, second) = lease_current(&generations);
+            let (_, old) = generations.install(Client(2), TTL);
+            drop(old);
+            assert!(!log.is_retired(1), "two leases still hold generation 1");
+            let a = thread::spawn(move || drop(first));
+            let b = thread::spawn(move || drop(second));
+            a.join().expect("no panic");
+            b.join().expect("no panic");
+            log.assert_retired_once(&[1]);
+            assert_eq!(generations.core().live_count(), 1);
+            drop(generations);
+            log.assert_retired_once(&[1, 2]);
+        });
+    }
+
+    #[test]
+    fn loom_rotate_racing_a_timed_swap() {
+        model(|| {
+            let log = Log::default();
+            let generations = Arc::new(log.generations());
+            let (_, lease) = lease_current(&generations);
+            let rotate = {
+                let generations = Arc::clone(&generations);
+                thread::spawn(move || {
+                    let (id, old) = generations.install(Client(2), TTL);
+                    drop(old);
+                    id
+                })
+            };
+            // Both swaps race on the slot (in the service they are also
+            // serialised by the rotation lock; the slot must not need it).
+            let (timed_id, old) = generations.install(Client(3), TTL);
+            drop(old);
+            let rotate_id = rotate.join().expect("no panic");
+            assert_ne!(rotate_id, timed_id, "two swaps, two generations");
+            let current = generations.load().id;
+            assert!(current == 2 || current == 3);
+            drop(lease);
+            assert_eq!(
+                generations.core().live_count(),
+                1,
+                "only the current one is live"
+            );
+            drop(generations);
+            log.assert_retired_once(&[1, 2, 3]);
+        });
+    }
+
+    #[test]
+    fn loom_drain_timeout_racing_the_last_lease() {
+        model(|| {
+            let log = Log::default();
+            let generations = log.generations();
+            let (_, lease) = lease_current(&generations);
+            let (_, old) = generations.install(Client(2), TTL);
+            // The drain timer's upgraded reference races the body's end.
+            let timer = {
+                let log = log.clone();
+                thread::spawn(move || {
+                    if Generation::force_retire(&old) {
+                        log.record_forced(old.id);
+                    }
+                })
+            };
+            drop(lease);
+            timer.join().expect("no panic");
+            log.assert_retired_once(&[1]);
+            assert_eq!(
+                generations.core().live_count(),
+                1,
+                "retired once, counted once"
+            );
+            drop(generations);
+            log.assert_retired_once(&[1, 2]);
+        });
     }
 }

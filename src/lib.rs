@@ -172,7 +172,8 @@ mod generation;
 mod layer;
 mod service;
 mod stats;
-#[cfg(test)]
+mod sync;
+#[cfg(all(test, not(loom)))]
 mod testing;
 mod trace;
 

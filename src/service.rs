@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use arc_swap::{ArcSwap, Guard};
 use http_body::Body;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
@@ -16,14 +15,14 @@ use tower_service::Service;
 use crate::driver::{self, Factory};
 use crate::error::RotateError;
 use crate::future::ResponseFuture;
-use crate::generation::{Core, Generation, Lease};
+use crate::generation::{self, Core, Generation, Generations, Lease};
 use crate::layer::{Config, RetireHook};
 use crate::stats::Stats;
+use crate::sync::SwapGuard;
 
 /// State shared by all clones of one [`RotatingClient`].
 pub(crate) struct Shared<S: 'static> {
-    current: ArcSwap<Generation<S>>,
-    pub(crate) core: Arc<Core<S>>,
+    generations: Generations<S>,
     pub(crate) factory: Factory<S>,
     pub(crate) config: Arc<Config>,
     /// Serialises swaps, so that the cap check and the swap are one step.
@@ -43,45 +42,42 @@ where
         let lifetime = driver::lifetime(
             self.config.ttl,
             self.config.jitter,
-            self.core.rng.next_f64(),
+            self.core().rng.next_f64(),
         );
-        let generation = self.core.new_generation(client, lifetime);
-        let id = generation.id;
-        let old = self.current.swap(generation);
-        old.start_draining();
-        self.core.rotations.fetch_add(1, Ordering::Relaxed);
+        let (id, old) = self.generations.install(client, lifetime);
         // The swap paid every outstanding arc-swap debt, so the count is
         // exact: our reference plus every reservation and lease.
-        let in_flight = Arc::strong_count(&old) - 1;
+        let in_flight = crate::sync::Arc::strong_count(&old) - 1;
         crate::trace::swapped(&old, id, in_flight);
-        let drain_deadline = self
-            .config
-            .drain_timeout
-            .and_then(|timeout| Instant::now().checked_add(timeout));
-        if let (Some(deadline), true) = (drain_deadline, in_flight > 0) {
-            let weak = Arc::downgrade(&old);
-            self.spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                if let Some(generation) = weak.upgrade() {
-                    generation.force_retire();
-                }
-            });
+        #[cfg(not(loom))]
+        if let (Some(timeout), true) = (self.config.drain_timeout, in_flight > 0) {
+            if let Some(deadline) = Instant::now().checked_add(timeout) {
+                let weak = Arc::downgrade(&old);
+                self.spawn(async move {
+                    tokio::time::sleep_until(deadline).await;
+                    if let Some(generation) = weak.upgrade() {
+                        Generation::force_retire(&generation);
+                    }
+                });
+            }
         }
-        self.core.changed.notify_waiters();
         drop(old);
         id
     }
 
+    pub(crate) fn core(&self) -> &crate::sync::Arc<Core<S>> {
+        self.generations.core()
+    }
+
     /// Id, birth and expiry of the current generation.
     pub(crate) fn current_deadline(&self) -> (u64, Instant, Option<Instant>) {
-        let current = self.current.load();
+        let current = self.generations.load();
         (current.id, current.born, current.expires_at)
     }
 
     /// Whether nothing but the slot holds the current generation.
     pub(crate) fn current_is_idle(&self) -> bool {
-        let current = self.current.load_full();
-        Arc::strong_count(&current) <= 2
+        self.generations.current_is_idle()
     }
 
     /// Starts the rotation timer unless it runs already. Cheap after the
@@ -105,7 +101,10 @@ where
         if self.driver_started.load(Ordering::Acquire) {
             return;
         }
-        let task = runtime.spawn(driver::drive(Arc::downgrade(self), Arc::clone(&self.core)));
+        let task = runtime.spawn(driver::drive(
+            Arc::downgrade(self),
+            crate::sync::Arc::clone(self.core()),
+        ));
         tasks.push(task.abort_handle());
         self.driver_started.store(true, Ordering::Release);
     }
@@ -164,7 +163,7 @@ impl<S: 'static> Drop for Shared<S> {
 pub struct RotatingClient<S: 'static> {
     shared: Arc<Shared<S>>,
     cached: Option<Cached<S>>,
-    reserved: Option<Arc<Generation<S>>>,
+    reserved: Option<crate::sync::Arc<Generation<S>>>,
 }
 
 /// A handle's own clone of one generation's client.
@@ -183,12 +182,11 @@ where
         factory: Factory<S>,
         first: S,
     ) -> Self {
-        let core = Core::new(hook);
-        let lifetime = driver::lifetime(config.ttl, config.jitter, core.rng.next_f64());
-        let generation = core.new_generation(first, lifetime);
+        // The first lifetime is jittered like every other: replicas started
+        // by one deploy drift apart from their first rotation on.
+        let lifetime = driver::lifetime(config.ttl, config.jitter, driver::Rng::new().next_f64());
         let shared = Arc::new(Shared {
-            current: ArcSwap::new(generation),
-            core,
+            generations: Generations::new(hook, first, lifetime),
             factory,
             config: Arc::new(config),
             rotation_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -237,12 +235,12 @@ where
         let client = match shared.factory.build(shared.config.build_timeout).await {
             Ok(client) => client,
             Err(error) => {
-                shared.core.failed_builds.fetch_add(1, Ordering::Relaxed);
+                shared.core().failed_builds.fetch_add(1, Ordering::Relaxed);
                 return Err(error);
             }
         };
         driver::wait_for_room(
-            &shared.core,
+            shared.core(),
             &Arc::downgrade(shared),
             shared.config.max_live,
         )
@@ -252,9 +250,9 @@ where
 
     /// A snapshot of the generations and counters. See [`Stats`].
     pub fn stats(&self) -> Stats {
-        let current_generation = self.shared.current.load().id;
-        let generations = self.shared.core.snapshot(current_generation);
-        let core = &self.shared.core;
+        let current_generation = self.shared.generations.load().id;
+        let core = self.shared.core();
+        let generations = core.snapshot(current_generation);
         Stats {
             current_generation,
             current_age: generations
@@ -289,7 +287,7 @@ impl<S: 'static> Clone for RotatingClient<S> {
 impl<S: 'static> fmt::Debug for RotatingClient<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RotatingClient")
-            .field("current_generation", &self.shared.current.load().id)
+            .field("current_generation", &self.shared.generations.load().id)
             .field(
                 "cached_generation",
                 &self.cached.as_ref().map(|c| c.generation),
@@ -316,7 +314,7 @@ where
         }
         self.shared.ensure_driver();
         loop {
-            let current = self.shared.current.load();
+            let current = self.shared.generations.load();
             if self
                 .cached
                 .as_ref()
@@ -356,7 +354,7 @@ where
     fn poll_cached<Req>(
         &mut self,
         cx: &mut Context<'_>,
-        current: Option<Guard<Arc<Generation<S>>>>,
+        current: Option<SwapGuard<Generation<S>>>,
     ) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,
@@ -367,7 +365,7 @@ where
         match cached.client.poll_ready(cx) {
             Poll::Ready(Ok(())) => {
                 if let Some(current) = current {
-                    self.reserved = Some(Guard::into_inner(current));
+                    self.reserved = Some(generation::pin(current));
                 }
                 Poll::Ready(Ok(()))
             }
@@ -387,7 +385,7 @@ where
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;

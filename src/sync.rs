@@ -1,0 +1,90 @@
+//! The synchronisation primitives of the generation protocol, behind one
+//! small facade so that `loom` can model-check it.
+//!
+//! Normally these are `std::sync` and arc-swap. Under `--cfg loom` they are
+//! loom's, and the arc-swap slot is stood in for by a loom `Mutex<Arc<T>>`:
+//! what loom checks is the protocol built on the slot (pin, lease, swap,
+//! retire), not arc-swap itself, which has its own test suite.
+
+#[cfg(not(loom))]
+mod imp {
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize};
+    pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+
+    /// The current-generation slot.
+    pub(crate) type Swap<T> = arc_swap::ArcSwap<T>;
+    /// A short-lived read of the slot: never stored, never held across an
+    /// `.await`.
+    pub(crate) type SwapGuard<T> = arc_swap::Guard<Arc<T>>;
+    /// A slot that can be emptied: the template client.
+    pub(crate) type SwapOption<T> = arc_swap::ArcSwapOption<T>;
+
+    /// Turns a read of the slot into an owned reference (a pin).
+    #[inline]
+    pub(crate) fn into_arc<T>(guard: SwapGuard<T>) -> Arc<T> {
+        arc_swap::Guard::into_inner(guard)
+    }
+
+    pub(crate) fn now() -> tokio::time::Instant {
+        tokio::time::Instant::now()
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize};
+    pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+
+    /// Stands in for `ArcSwap` under loom.
+    #[derive(Debug)]
+    pub(crate) struct Swap<T>(Mutex<Arc<T>>);
+
+    pub(crate) type SwapGuard<T> = Arc<T>;
+
+    impl<T> Swap<T> {
+        pub(crate) fn new(value: Arc<T>) -> Self {
+            Swap(Mutex::new(value))
+        }
+
+        pub(crate) fn load(&self) -> Arc<T> {
+            Arc::clone(&self.0.lock().expect("loom mutex"))
+        }
+
+        pub(crate) fn load_full(&self) -> Arc<T> {
+            self.load()
+        }
+
+        pub(crate) fn swap(&self, value: Arc<T>) -> Arc<T> {
+            std::mem::replace(&mut *self.0.lock().expect("loom mutex"), value)
+        }
+    }
+
+    /// Stands in for `ArcSwapOption` under loom.
+    #[derive(Debug)]
+    pub(crate) struct SwapOption<T>(Mutex<Option<Arc<T>>>);
+
+    impl<T> SwapOption<T> {
+        pub(crate) fn from_pointee(value: T) -> Self {
+            SwapOption(Mutex::new(Some(Arc::new(value))))
+        }
+
+        pub(crate) fn load(&self) -> Option<Arc<T>> {
+            self.0.lock().expect("loom mutex").clone()
+        }
+
+        pub(crate) fn swap(&self, value: Option<Arc<T>>) -> Option<Arc<T>> {
+            std::mem::replace(&mut *self.0.lock().expect("loom mutex"), value)
+        }
+    }
+
+    pub(crate) fn into_arc<T>(guard: SwapGuard<T>) -> Arc<T> {
+        guard
+    }
+
+    /// Loom does not model time; any instant will do.
+    pub(crate) fn now() -> tokio::time::Instant {
+        tokio::time::Instant::from_std(std::time::Instant::now())
+    }
+}
+
+pub(crate) use imp::*;
