@@ -23,6 +23,7 @@ use crate::error::RotateError;
 use crate::generation::Core;
 use crate::layer::{Config, DEFAULT_BUILD_AHEAD_MAX};
 use crate::service::Shared;
+use crate::trigger::Reason;
 use crate::BoxError;
 
 type BuildFuture<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
@@ -250,10 +251,10 @@ async fn build<S: 'static>(
     failures: &mut u32,
 ) -> Result<S, Duration> {
     let started = Instant::now();
-    crate::trace::build_started(current_id + 1);
+    crate::trace::build_started(current_id);
     match factory.build(config.build_timeout).await {
         Ok(client) => {
-            crate::trace::build_succeeded(started.elapsed());
+            crate::trace::build_succeeded(current_id, started.elapsed());
             *failures = 0;
             Ok(client)
         }
@@ -261,7 +262,7 @@ async fn build<S: 'static>(
             core.failed_builds.fetch_add(1, Ordering::Relaxed);
             *failures = failures.saturating_add(1);
             let delay = backoff(config, *failures, core.rng.next_f64());
-            crate::trace::build_failed(&error, *failures, delay);
+            crate::trace::build_failed(current_id, &error, *failures, delay);
             Err(delay)
         }
     }
@@ -274,6 +275,8 @@ where
 {
     let mut failures: u32 = 0;
     let mut retry_at: Option<Instant> = None;
+    // When the last rotation on failures happened, for its minimum interval.
+    let mut last_failure_rotation: Option<Instant> = None;
     // A client built for the successor of generation `.0`.
     let mut prebuilt: Option<(u64, S)> = None;
     loop {
@@ -294,28 +297,43 @@ where
             prebuilt = None;
         }
 
-        let build_at = match (expires_at, &prebuilt) {
-            (None, _) => None,
-            (Some(expires), Some(_)) => Some(expires),
-            (Some(expires), None) if factory.is_async() => {
-                let lifetime = expires.saturating_duration_since(born);
-                Some(expires - build_ahead(&config, lifetime))
+        // When the current generation is due, and why: its TTL, or a
+        // trigger (request cap, failures) if that comes first.
+        let (due, reason) = match core.requested(current_id) {
+            Some(Reason::Failures) => {
+                let min_interval = config
+                    .failures
+                    .as_ref()
+                    .map_or(Duration::ZERO, |p| p.min_interval);
+                let allowed = last_failure_rotation
+                    .and_then(|last| last.checked_add(min_interval))
+                    .map_or_else(Instant::now, |at| at.max(Instant::now()));
+                earliest(expires_at, allowed, Reason::Failures)
             }
-            (Some(expires), None) => Some(expires),
+            Some(reason) => earliest(expires_at, Instant::now(), reason),
+            None => (expires_at, Reason::Ttl),
+        };
+
+        let build_at = match (due, &prebuilt) {
+            (None, _) => None,
+            (Some(due), Some(_)) => Some(due),
+            (Some(due), None) if factory.is_async() => {
+                let lifetime = due.saturating_duration_since(born);
+                Some(due - build_ahead(&config, lifetime))
+            }
+            (Some(due), None) => Some(due),
         };
         let wake = match (build_at, retry_at) {
             (Some(at), Some(retry)) => Some(at.max(retry)),
             (at, _) => at,
         };
         if !sleep_until_or(wake, changed.as_mut()).await {
-            // The current generation changed (a `rotate()`): start over.
+            // The current generation changed (a `rotate()`), or a trigger
+            // fired: start over.
             continue;
         }
 
-        if factory.is_async()
-            && prebuilt.is_none()
-            && expires_at.is_some_and(|e| Instant::now() < e)
-        {
+        if factory.is_async() && prebuilt.is_none() && due.is_some_and(|due| Instant::now() < due) {
             // Build ahead of expiry, so the swap never waits for a connect.
             match build(&factory, &config, &core, current_id, &mut failures).await {
                 Ok(client) => {
@@ -357,6 +375,21 @@ where
         let Some(state) = shared.upgrade() else {
             return;
         };
-        state.install(client);
+        state.install(client, reason);
+        if reason == Reason::Failures {
+            last_failure_rotation = Some(Instant::now());
+        }
+    }
+}
+
+/// The earlier of the TTL expiry and a trigger's moment, with its reason.
+fn earliest(
+    expires_at: Option<Instant>,
+    triggered: Instant,
+    reason: Reason,
+) -> (Option<Instant>, Reason) {
+    match expires_at {
+        Some(expires) if expires < triggered => (Some(expires), Reason::Ttl),
+        _ => (Some(triggered), reason),
     }
 }

@@ -39,6 +39,7 @@ impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
     B: http_body::Body,
+    E: 'static,
 {
     type Output = Result<http::Response<ResponseBody<B>>, E>;
 
@@ -47,7 +48,20 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let lease = this.lease.take();
-        Poll::Ready(result.map(|response| response.map(|body| ResponseBody::new(body, lease))))
+        Poll::Ready(match result {
+            Ok(mut response) => {
+                if let Some(lease) = &lease {
+                    lease.on_response(&mut response);
+                }
+                Ok(response.map(|body| ResponseBody::new(body, lease)))
+            }
+            Err(error) => {
+                if let Some(lease) = &lease {
+                    lease.on_error(&error);
+                }
+                Err(error)
+            }
+        })
     }
 }
 

@@ -20,10 +20,13 @@
 //! go of the template client early. The `retired` flag makes sure that the
 //! later `Drop` does not retire it a second time.
 
+use std::any::Any;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use http::{HeaderMap, StatusCode};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -34,6 +37,7 @@ use crate::stats::{GenerationStats, RetiredGeneration};
 use crate::sync::{
     self, Arc, AtomicBool, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard, SwapOption,
 };
+use crate::trigger::{CallOutcome, FailurePolicy, GenerationId, Reason};
 
 /// The generations of one rotating client: the current slot and the
 /// bookkeeping behind it. This is the whole protocol that loom checks.
@@ -46,10 +50,11 @@ impl<S: Send + Sync + 'static> Generations<S> {
     /// The first generation, current from now for `lifetime`.
     pub(crate) fn new(
         hook: std::sync::Arc<dyn RetireHook<S>>,
+        triggers: Triggers,
         first: S,
         lifetime: Duration,
     ) -> Self {
-        let core = Core::new(hook);
+        let core = Core::new(hook, triggers);
         let generation = Core::new_generation(&core, first, lifetime);
         Generations {
             current: Swap::new(generation),
@@ -66,7 +71,9 @@ impl<S: Send + Sync + 'static> Generations<S> {
         let old = self.current.swap(generation);
         old.start_draining();
         self.core.rotations.fetch_add(1, Ordering::Relaxed);
-        self.core.changed.notify_waiters();
+        // A trigger fired on the old generation is served by this swap.
+        self.core.take_request(old.id);
+        self.core.changed.notify_one();
         (id, old)
     }
 
@@ -108,8 +115,13 @@ pub(crate) struct Core<S: 'static> {
     next_id: AtomicU64,
     /// Woken whenever a generation retires (room under the cap).
     pub(crate) retired: Notify,
-    /// Woken whenever the current generation changes.
+    /// Wakes the background task: the current generation changed, or a
+    /// trigger requested a rotation. `notify_one`, so a wake-up that comes
+    /// while the task is busy is kept for its next wait.
     pub(crate) changed: Notify,
+    pub(crate) triggers: Triggers,
+    /// A rotation requested by a trigger: the generation it is for, and why.
+    request: std::sync::Mutex<Option<(u64, Reason)>>,
     pub(crate) rotations: AtomicU64,
     pub(crate) failed_builds: AtomicU64,
     pub(crate) forced_retirements: AtomicU64,
@@ -118,9 +130,11 @@ pub(crate) struct Core<S: 'static> {
 }
 
 impl<S: Send + Sync + 'static> Core<S> {
-    fn new(hook: std::sync::Arc<dyn RetireHook<S>>) -> Arc<Self> {
+    fn new(hook: std::sync::Arc<dyn RetireHook<S>>, triggers: Triggers) -> Arc<Self> {
         Arc::new(Core {
             hook,
+            triggers,
+            request: std::sync::Mutex::new(None),
             live: Mutex::new(Registry::default()),
             live_count: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -144,6 +158,10 @@ impl<S: Send + Sync + 'static> Core<S> {
             expires_at: born.checked_add(lifetime),
             client: SwapOption::from_pointee(client),
             served: AtomicU64::new(0),
+            request_cap: this.triggers.max_requests.unwrap_or(u64::MAX),
+            observes_responses: this.triggers.failures.is_some()
+                || this.triggers.generation_extension,
+            failures: AtomicU32::new(0),
             draining_since: Mutex::new(None),
             retired: AtomicBool::new(false),
             core: Arc::clone(this),
@@ -155,6 +173,41 @@ impl<S: Send + Sync + 'static> Core<S> {
 }
 
 impl<S: 'static> Core<S> {
+    /// Asks the background task to rotate generation `id` away. The first
+    /// request for a generation wins.
+    pub(crate) fn request_rotation(&self, id: u64, reason: Reason) {
+        let mut request = self
+            .request
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if request.is_none_or(|(requested, _)| requested != id) {
+            *request = Some((id, reason));
+            drop(request);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The pending request for generation `id`, if any.
+    pub(crate) fn requested(&self, id: u64) -> Option<Reason> {
+        let request = self
+            .request
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        request
+            .filter(|(requested, _)| *requested == id)
+            .map(|(_, reason)| reason)
+    }
+
+    fn take_request(&self, id: u64) {
+        let mut request = self
+            .request
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if request.is_some_and(|(requested, _)| requested <= id) {
+            *request = None;
+        }
+    }
+
     /// Current plus draining generations.
     pub(crate) fn live_count(&self) -> usize {
         self.live_count.load(Ordering::Acquire)
@@ -200,10 +253,10 @@ impl<S: 'static> Core<S> {
 
     /// Bookkeeping of a retirement, with the client to hand to the hook.
     /// Runs exactly once per generation (guarded by `Generation::retired`).
-    fn retire(&self, id: u64, client: Option<S>, info: RetiredGeneration) {
+    fn retire(&self, id: u64, client: Option<S>, info: RetiredGeneration, drained: bool) {
         self.lock_live().remove(id);
         self.live_count.fetch_sub(1, Ordering::AcqRel);
-        crate::trace::retired(&info);
+        crate::trace::retired(&info, drained);
         if let Some(client) = client {
             if std::thread::panicking() {
                 // A panicking hook would abort the process now; just drop.
@@ -230,6 +283,12 @@ pub(crate) struct Generation<S: 'static> {
     /// Requests served. One relaxed add per call, on the cache line the
     /// reservation already wrote.
     served: AtomicU64,
+    /// `max_requests_per_generation`, or `u64::MAX`.
+    request_cap: u64,
+    /// Whether responses need a look (failure policy, extension).
+    observes_responses: bool,
+    /// Consecutive failures, for `rotate_on_failures`.
+    failures: AtomicU32,
     draining_since: Mutex<Option<Instant>>,
     retired: AtomicBool,
     core: Arc<Core<S>>,
@@ -244,9 +303,28 @@ impl<S: Clone + 'static> Generation<S> {
 }
 
 impl<S: 'static> Generation<S> {
+    /// Counts a request; requests a rotation when it reaches the cap.
     #[inline]
     pub(crate) fn record_request(&self) {
-        self.served.fetch_add(1, Ordering::Relaxed);
+        let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == self.request_cap {
+            self.core.request_rotation(self.id, Reason::MaxRequests);
+        }
+    }
+
+    /// Judges a call for `rotate_on_failures`.
+    fn observe(&self, outcome: &CallOutcome<'_>) {
+        let Some(policy) = &self.core.triggers.failures else {
+            return;
+        };
+        if (policy.is_failure)(outcome) {
+            let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures == policy.threshold && !self.retired.load(Ordering::Relaxed) {
+                self.core.request_rotation(self.id, Reason::Failures);
+            }
+        } else if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn requests(&self) -> u64 {
@@ -298,7 +376,7 @@ impl<S: 'static> Generation<S> {
         let info = this.retired_info(true, in_flight);
         let client = this.client.swap(None);
         this.core.forced_retirements.fetch_add(1, Ordering::Relaxed);
-        this.core.retire(this.id, None, info);
+        this.core.retire(this.id, None, info, true);
         // Readers that are cloning right now hold their own reference to
         // the template; it goes when they are done.
         drop(client);
@@ -318,7 +396,8 @@ impl<S: 'static> Drop for Generation<S> {
             .client
             .swap(None)
             .and_then(|arc| Arc::try_unwrap(arc).ok());
-        self.core.retire(self.id, client, info);
+        let drained = self.draining_since().is_some();
+        self.core.retire(self.id, client, info, drained);
     }
 }
 
@@ -334,11 +413,39 @@ pub(crate) struct Lease(Box<dyn Leased>);
 
 pub(crate) trait Leased: Send + Sync + 'static {
     fn id(&self) -> u64;
+
+    /// A response head arrived from this generation's client. Returns the
+    /// id to add to the response's extensions, if that is on.
+    fn on_response(&self, _status: StatusCode, _headers: &HeaderMap) -> Option<GenerationId> {
+        None
+    }
+
+    /// This generation's client returned an error.
+    fn on_error(&self, _error: &dyn Any) {}
 }
 
 impl<S: Send + Sync + 'static> Leased for Generation<S> {
     fn id(&self) -> u64 {
         self.id
+    }
+
+    #[inline]
+    fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
+        if !self.observes_responses {
+            return None;
+        }
+        self.observe(&CallOutcome::Response { status, headers });
+        self.core
+            .triggers
+            .generation_extension
+            .then_some(GenerationId(self.id))
+    }
+
+    #[inline]
+    fn on_error(&self, error: &dyn Any) {
+        if self.observes_responses {
+            self.observe(&CallOutcome::Error(error));
+        }
     }
 }
 
@@ -367,6 +474,18 @@ impl Lease {
     /// The id of the generation this lease keeps alive.
     pub(crate) fn generation_id(&self) -> u64 {
         self.0.id()
+    }
+
+    #[inline]
+    pub(crate) fn on_response<B>(&self, response: &mut http::Response<B>) {
+        if let Some(id) = self.0.on_response(response.status(), response.headers()) {
+            response.extensions_mut().insert(id);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn on_error(&self, error: &dyn Any) {
+        self.0.on_error(error);
     }
 }
 
@@ -441,7 +560,7 @@ mod loom_tests {
 
     use loom::thread;
 
-    use super::{pin, Generation, Generations, Lease};
+    use super::{pin, Generation, Generations, Lease, Triggers};
     use crate::stats::RetiredGeneration;
     use crate::sync::{Arc, Mutex};
 
@@ -463,7 +582,12 @@ mod loom_tests {
                     .expect("loom mutex")
                     .push((generation.id, false));
             };
-            Generations::new(std::sync::Arc::new(hook), Client(1), TTL)
+            Generations::new(
+                std::sync::Arc::new(hook),
+                Triggers::default(),
+                Client(1),
+                TTL,
+            )
         }
 
         fn record_forced(&self, id: u64) {
@@ -644,4 +768,12 @@ mod loom_tests {
             log.assert_retired_once(&[1, 2]);
         });
     }
+}
+
+/// The trigger settings every generation needs on the request path.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Triggers {
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) failures: Option<FailurePolicy>,
+    pub(crate) generation_extension: bool,
 }

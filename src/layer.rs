@@ -10,6 +10,7 @@ use tower_layer::Layer;
 use crate::driver::Factory;
 use crate::service::RotatingClient;
 use crate::stats::RetiredGeneration;
+use crate::trigger::{CallOutcome, FailurePolicy};
 use crate::BoxError;
 
 /// Receives each retired client once it has drained.
@@ -56,6 +57,10 @@ pub(crate) struct Config {
     pub(crate) build_ahead: Option<Duration>,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) failures: Option<FailurePolicy>,
+    pub(crate) generation_extension: bool,
+    pub(crate) stagger_first: bool,
 }
 
 /// Default jitter: lifetimes are spread over the last 10% of the TTL.
@@ -113,6 +118,10 @@ impl RotatingClientLayer {
                 build_ahead: None,
                 backoff_min: DEFAULT_BACKOFF_MIN,
                 backoff_max: DEFAULT_BACKOFF_MAX,
+                max_requests: None,
+                failures: None,
+                generation_extension: false,
+                stagger_first: false,
             },
             hook: Arc::new(()),
         }
@@ -250,6 +259,105 @@ impl<H> RotatingClientLayer<H> {
         self
     }
 
+    /// Rotates after a generation has served `n` requests: Envoy's
+    /// per-connection request cap, applied to a whole client. The
+    /// rotation is requested by the `n`th call and carried out by the
+    /// background task, like a timed one; calls made meanwhile still go to
+    /// the old generation, so it may serve a few more than `n`.
+    ///
+    /// Default is no cap.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `n` is zero.
+    pub fn max_requests_per_generation(mut self, n: u64) -> Self {
+        assert!(
+            n > 0,
+            "RotatingClientLayer::max_requests_per_generation: `max_requests_per_generation` must be at least 1"
+        );
+        self.config.max_requests = Some(n);
+        self
+    }
+
+    /// Rotates after `threshold` consecutive failures of the current
+    /// generation, but at most once per `min_interval`, so that a broken
+    /// upstream does not cause a rebuild storm.
+    ///
+    /// `is_failure` judges each call when its response head arrives (or its
+    /// call fails); a call it does not call a failure resets the count. It
+    /// sees the inner error through [`CallOutcome::error`] (downcast to the
+    /// inner service's error type), or the response status and headers, for
+    /// example a 503 from a dead pool. Responses in flight are untouched,
+    /// as with every rotation. Failures of draining generations do not
+    /// count.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_rotating_client::{CallOutcome, RotatingClientLayer};
+    ///
+    /// let layer = RotatingClientLayer::new(Duration::from_secs(3600)).rotate_on_failures(
+    ///     5,
+    ///     Duration::from_secs(30),
+    ///     |outcome: &CallOutcome<'_>| {
+    ///         outcome.error::<std::io::Error>().is_some()
+    ///             || outcome.status() == Some(http::StatusCode::SERVICE_UNAVAILABLE)
+    ///     },
+    /// );
+    /// # let _ = layer;
+    /// ```
+    ///
+    /// Default is off.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `threshold` is zero.
+    pub fn rotate_on_failures<P>(
+        mut self,
+        threshold: u32,
+        min_interval: Duration,
+        is_failure: P,
+    ) -> Self
+    where
+        P: Fn(&CallOutcome<'_>) -> bool + Send + Sync + 'static,
+    {
+        assert!(
+            threshold > 0,
+            "RotatingClientLayer::rotate_on_failures: `threshold` must be at least 1"
+        );
+        self.config.failures = Some(FailurePolicy {
+            threshold,
+            min_interval,
+            is_failure: Arc::new(is_failure),
+        });
+        self
+    }
+
+    /// Adds a [`GenerationId`](crate::GenerationId) to the extensions of
+    /// every response, so that logs can tie a response to the client that
+    /// served it.
+    ///
+    /// Default is off: inserting an extension allocates, and the hot path
+    /// otherwise allocates nothing.
+    pub fn generation_extension(mut self, enabled: bool) -> Self {
+        self.config.generation_extension = enabled;
+        self
+    }
+
+    /// Spreads the *first* rotation of each instance over the whole TTL:
+    /// the first generation lives `ttl * u`, `u` uniform in `(0, 1]`, drawn
+    /// per instance. Replicas started by one deploy then rotate at
+    /// unrelated moments from the start, instead of within the last
+    /// `jitter` of the TTL. Later generations are jittered as usual. The
+    /// TTL stays an upper bound.
+    ///
+    /// Default is off: the first generation is jittered like every other
+    /// one (which already keeps instances apart by a random fraction of
+    /// `jitter * ttl`).
+    pub fn stagger_first_rotation(mut self, enabled: bool) -> Self {
+        self.config.stagger_first = enabled;
+        self
+    }
+
     /// Hands each retired client to `hook` once its last in-flight response
     /// has finished, for clients that need an explicit graceful close.
     ///
@@ -350,6 +458,10 @@ impl<H> fmt::Debug for RotatingClientLayer<H> {
                 "build_backoff",
                 &(self.config.backoff_min..self.config.backoff_max),
             )
+            .field("max_requests_per_generation", &self.config.max_requests)
+            .field("rotate_on_failures", &self.config.failures)
+            .field("generation_extension", &self.config.generation_extension)
+            .field("stagger_first_rotation", &self.config.stagger_first)
             .field("on_retire", &std::any::type_name::<H>())
             .finish()
     }

@@ -176,6 +176,8 @@ mod sync;
 #[cfg(all(test, not(loom)))]
 mod testing;
 mod trace;
+mod trigger;
+mod warm_up;
 
 pub use body::ResponseBody;
 pub use error::RotateError;
@@ -183,6 +185,8 @@ pub use future::ResponseFuture;
 pub use layer::{RetireHook, RotatingClientLayer};
 pub use service::RotatingClient;
 pub use stats::{GenerationStats, RetiredGeneration, Stats};
+pub use trigger::{CallOutcome, GenerationId};
+pub use warm_up::{warm_up, WarmUpFuture};
 
 /// A boxed error, the bound on an async factory's error type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

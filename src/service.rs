@@ -15,10 +15,11 @@ use tower_service::Service;
 use crate::driver::{self, Factory};
 use crate::error::RotateError;
 use crate::future::ResponseFuture;
-use crate::generation::{self, Core, Generation, Generations, Lease};
+use crate::generation::{self, Core, Generation, Generations, Lease, Triggers};
 use crate::layer::{Config, RetireHook};
 use crate::stats::Stats;
 use crate::sync::SwapGuard;
+use crate::trigger::Reason;
 
 /// State shared by all clones of one [`RotatingClient`].
 pub(crate) struct Shared<S: 'static> {
@@ -38,7 +39,7 @@ where
 {
     /// Makes `client` the current generation. The old one starts draining
     /// and retires as soon as nothing holds it.
-    pub(crate) fn install(&self, client: S) -> u64 {
+    pub(crate) fn install(&self, client: S, reason: Reason) -> u64 {
         let lifetime = driver::lifetime(
             self.config.ttl,
             self.config.jitter,
@@ -48,7 +49,7 @@ where
         // The swap paid every outstanding arc-swap debt, so the count is
         // exact: our reference plus every reservation and lease.
         let in_flight = crate::sync::Arc::strong_count(&old) - 1;
-        crate::trace::swapped(&old, id, in_flight);
+        crate::trace::swapped(&old, id, in_flight, reason);
         #[cfg(not(loom))]
         if let (Some(timeout), true) = (self.config.drain_timeout, in_flight > 0) {
             if let Some(deadline) = Instant::now().checked_add(timeout) {
@@ -184,9 +185,19 @@ where
     ) -> Self {
         // The first lifetime is jittered like every other: replicas started
         // by one deploy drift apart from their first rotation on.
-        let lifetime = driver::lifetime(config.ttl, config.jitter, driver::Rng::new().next_f64());
+        let lifetime = if config.stagger_first {
+            // Uniform in (0, ttl]: the phase of this instance's rotations.
+            driver::lifetime(config.ttl, 1.0, driver::Rng::new().next_f64())
+        } else {
+            driver::lifetime(config.ttl, config.jitter, driver::Rng::new().next_f64())
+        };
+        let triggers = Triggers {
+            max_requests: config.max_requests,
+            failures: config.failures.clone(),
+            generation_extension: config.generation_extension,
+        };
         let shared = Arc::new(Shared {
-            generations: Generations::new(hook, first, lifetime),
+            generations: Generations::new(hook, triggers, first, lifetime),
             factory,
             config: Arc::new(config),
             rotation_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -245,7 +256,7 @@ where
             shared.config.max_live,
         )
         .await;
-        Ok(shared.install(client))
+        Ok(shared.install(client, Reason::Rotate))
     }
 
     /// A snapshot of the generations and counters. See [`Stats`].
@@ -301,6 +312,7 @@ impl<S: 'static> fmt::Debug for RotatingClient<S> {
 impl<S, Req, B> Service<Req> for RotatingClient<S>
 where
     S: Service<Req, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+    S::Error: 'static,
     B: Body,
 {
     type Response = http::Response<crate::ResponseBody<B>>;

@@ -137,7 +137,8 @@ impl Body for ScriptBody {
 }
 
 /// A client that answers each request with the body the request carries,
-/// tagged with the id of the client (the build number) in `x-client`.
+/// tagged with the id of the client (the build number) in `x-client`, and
+/// with the status named by the request's `x-status` header, if any.
 #[derive(Debug, Clone)]
 pub(crate) struct TagClient {
     pub(crate) id: usize,
@@ -153,7 +154,14 @@ impl Service<http::Request<ScriptBody>> for TagClient {
     }
 
     fn call(&mut self, request: http::Request<ScriptBody>) -> Self::Future {
+        let status = request
+            .headers()
+            .get("x-status")
+            .and_then(|status| http::StatusCode::from_bytes(status.as_bytes()).ok());
         let mut response = http::Response::new(request.into_body());
+        if let Some(status) = status {
+            *response.status_mut() = status;
+        }
         response.headers_mut().insert(
             "x-client",
             self.id
