@@ -110,8 +110,9 @@ mod tests {
                         Ok(response) => response,
                         Err(never) => match never {},
                     };
+                    drop(response);
                     if healthy {
-                        Ok(drop(response))
+                        Ok(())
                     } else {
                         Err(std::io::Error::other("probe failed"))
                     }
