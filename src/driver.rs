@@ -165,7 +165,8 @@ pub(crate) fn backoff(config: &Config, failures: u32, u: f64) -> Duration {
         .checked_mul(1u32 << exp.min(31))
         .unwrap_or(config.backoff_max)
         .min(config.backoff_max);
-    base.saturating_sub(base.mul_f64(0.5 * u))
+    // Clamped so that `now + delay` never overflows, whatever `max` is.
+    base.saturating_sub(base.mul_f64(0.5 * u)).min(MAX_SLEEP)
 }
 
 /// How long before expiry an async build starts.
@@ -391,5 +392,79 @@ fn earliest(
     match expires_at {
         Some(expires) if expires < triggered => (Some(expires), Reason::Ttl),
         _ => (Some(triggered), reason),
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::time::Duration;
+
+    use super::{backoff, build_ahead, lifetime, MAX_SLEEP};
+    use crate::RotatingClientLayer;
+
+    #[test]
+    fn lifetime_only_shortens_and_spans_the_jitter() {
+        let ttl = Duration::from_secs(100);
+        assert_eq!(lifetime(ttl, 0.0, 0.99), ttl, "no jitter: exactly the TTL");
+        assert_eq!(lifetime(ttl, 0.1, 0.0), ttl, "u = 0: the full TTL");
+        let shortest = lifetime(ttl, 0.1, 1.0 - f64::EPSILON);
+        assert!(
+            shortest >= Duration::from_secs(90) && shortest < ttl,
+            "{shortest:?}"
+        );
+        assert_eq!(lifetime(ttl, 0.5, 0.5), Duration::from_secs(75));
+        assert!(
+            lifetime(Duration::MAX, 0.1, 0.9) < Duration::MAX,
+            "no overflow at MAX"
+        );
+        assert!(!lifetime(Duration::from_nanos(1), 1.0, 0.0).is_zero());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_at_most_half_off() {
+        let layer = RotatingClientLayer::new(Duration::from_secs(60))
+            .build_backoff(Duration::from_secs(1), Duration::from_secs(8));
+        let config = layer.config();
+        let full: Vec<_> = (1..=6).map(|n| backoff(config, n, 0.0)).collect();
+        assert_eq!(full, [1, 2, 4, 8, 8, 8].map(Duration::from_secs));
+        assert_eq!(
+            backoff(config, 3, 1.0),
+            Duration::from_secs(2),
+            "half off at most"
+        );
+        assert_eq!(
+            backoff(config, u32::MAX, 0.0),
+            Duration::from_secs(8),
+            "no overflow"
+        );
+
+        let unbounded = RotatingClientLayer::new(Duration::from_secs(60))
+            .build_backoff(Duration::from_secs(1), Duration::MAX);
+        assert_eq!(
+            backoff(unbounded.config(), 64, 0.0),
+            MAX_SLEEP,
+            "clamped to a day"
+        );
+    }
+
+    #[test]
+    fn async_builds_start_a_tenth_ahead_at_most_ten_seconds() {
+        let layer = RotatingClientLayer::new(Duration::from_secs(60));
+        let config = layer.config();
+        assert_eq!(
+            build_ahead(config, Duration::from_secs(60)),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            build_ahead(config, Duration::from_secs(3600)),
+            Duration::from_secs(10)
+        );
+        let custom =
+            RotatingClientLayer::new(Duration::from_secs(60)).build_ahead(Duration::from_secs(120));
+        assert_eq!(
+            build_ahead(custom.config(), Duration::from_secs(60)),
+            Duration::from_secs(60),
+            "capped at the lifetime"
+        );
     }
 }

@@ -180,7 +180,8 @@ impl<S: 'static> Core<S> {
             .request
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if request.is_none_or(|(requested, _)| requested != id) {
+        // Newer generations win; a request for an older one is moot.
+        if request.is_none_or(|(requested, _)| requested < id) {
             *request = Some((id, reason));
             drop(request);
             self.changed.notify_one();
@@ -317,9 +318,14 @@ impl<S: 'static> Generation<S> {
         let Some(policy) = &self.core.triggers.failures else {
             return;
         };
-        if (policy.is_failure)(outcome) {
+        // The predicate is user code on the request path: a panic in it
+        // must not reach the request. It counts as "not a failure".
+        let failed =
+            catch_unwind(AssertUnwindSafe(|| (policy.is_failure)(outcome))).unwrap_or(false);
+        if failed {
             let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-            if failures == policy.threshold && !self.retired.load(Ordering::Relaxed) {
+            // Failures of a draining generation do not count.
+            if failures == policy.threshold && self.draining_since().is_none() {
                 self.core.request_rotation(self.id, Reason::Failures);
             }
         } else if self.failures.load(Ordering::Relaxed) != 0 {

@@ -129,6 +129,11 @@ impl RotatingClientLayer {
 }
 
 impl<H> RotatingClientLayer<H> {
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Spreads generation lifetimes so that replicas deployed together do
     /// not rotate in lockstep.
     ///
@@ -244,7 +249,8 @@ impl<H> RotatingClientLayer<H> {
     /// the first failure, doubling on each consecutive failure up to
     /// `max`, with up to half of each delay taken off at random.
     ///
-    /// Default is 250 ms up to 30 seconds.
+    /// Default is 250 ms up to 30 seconds. Delays are capped at one day
+    /// whatever `max` is.
     ///
     /// # Panics
     ///

@@ -133,6 +133,22 @@
 //!   `poll_frame`) takes no lock, allocates nothing and reads no clock: an
 //!   arc-swap load, one reference count, and one relaxed counter.
 //!
+//! # Other triggers and observability
+//!
+//! Besides the TTL and [`RotatingClient::rotate`], a generation can be
+//! rotated away after it has served
+//! [`max_requests_per_generation`](RotatingClientLayer::max_requests_per_generation)
+//! requests, or after consecutive failures judged by your predicate
+//! ([`rotate_on_failures`](RotatingClientLayer::rotate_on_failures), rate
+//! limited). [`warm_up`] makes a fresh client pass a probe before it becomes
+//! current. [`RotatingClient::stats`] gives per-generation figures,
+//! [`generation_extension`](RotatingClientLayer::generation_extension) tags
+//! each response with the [`GenerationId`] that served it, the retire hook
+//! gets each generation's figures, and the `tracing` feature emits every
+//! lifecycle event. The [operator's guide](guide) explains how to choose the
+//! settings, compares this crate with .NET, gRPC, Envoy, HikariCP and
+//! Finagle, and has recipes.
+//!
 //! # Runtime
 //!
 //! Constructing a [`RotatingClient`] needs no runtime. Using it needs a
@@ -144,9 +160,10 @@
 //! # Feature flags
 //!
 //! - `tracing`: emits lifecycle events (build started, failed and
-//!   succeeded, swap, retired) with the generation id, its age, requests
-//!   served, in-flight count at swap and drain duration. Off by default;
-//!   without it, the events compile to nothing.
+//!   succeeded, swap, drain started, drained, drain timed out, retired)
+//!   with the generation id, its age, requests served, in-flight count at
+//!   swap and drain duration. Off by default; without it, the events
+//!   compile to nothing.
 //!
 //! [`build_ahead`]: RotatingClientLayer::build_ahead
 //! [`build_timeout`]: RotatingClientLayer::build_timeout
@@ -169,6 +186,7 @@ mod driver;
 mod error;
 mod future;
 mod generation;
+pub mod guide;
 mod layer;
 mod service;
 mod stats;

@@ -1,0 +1,258 @@
+//! # Operator's guide
+//!
+//! How to choose the settings, when not to use this crate, how it compares
+//! with the systems that do part of the same job, and recipes.
+//!
+//! # Choosing the settings
+//!
+//! A generation is one client: one connection pool, its TLS sessions and
+//! resolver state. Every setting below trades how fresh that client is
+//! against how many of them are alive at once.
+//!
+//! **TTL.** Derive it from the hard limit you rotate for, minus a margin for
+//! the build: a credential valid for 60 minutes wants a TTL of 50; a
+//! load balancer that closes connections after 30 minutes wants 25, so that
+//! you rotate before it does. If you rotate to follow DNS or scaling, the
+//! TTL is how long a new backend may wait for traffic from a long-lived
+//! HTTP/2 connection: 5 to 15 minutes is common. The TTL is an upper bound;
+//! jitter only shortens it.
+//!
+//! **Jitter.** The default, `0.1`, spreads lifetimes over the last 10% of
+//! the TTL, so instances drift apart after their first rotation. For a
+//! fleet deployed at once, also turn on
+//! [`stagger_first_rotation`](crate::RotatingClientLayer::stagger_first_rotation):
+//! the first rotation then lands anywhere in the TTL, and the fleet never
+//! rotates in step.
+//!
+//! **Streams longer than the TTL.** A response keeps its generation alive to
+//! its last byte, so with a shortest lifetime `L = ttl * (1 - jitter)` and a
+//! longest stream `D`, up to `1 + ceil(D / L)` generations are live at
+//! once. A TTL of 15 minutes with streams of up to 40 minutes means 4 live
+//! clients, each with its own connections. That is the price of not cutting
+//! streams; [`Stats::live_generations`](crate::Stats::live_generations)
+//! shows what you pay.
+//!
+//! **`max_live_generations`.** Caps that number. At the cap, rotation waits
+//! for a draining generation to retire, so the current generation outlives
+//! its TTL. Set it to the figure above plus one, as a safety net against an
+//! unexpected stream length, not as the normal regime. If the TTL is a hard
+//! limit (a credential), leave the cap off and bound draining with
+//! `drain_timeout` instead.
+//!
+//! **`drain_timeout`.** The longest a retired generation may keep its
+//! resources. Set it above the longest response you consider legitimate;
+//! beyond it, the layer lets go of the client, and what happens to the
+//! remaining responses depends on the client (see
+//! [`drain_timeout`](crate::RotatingClientLayer::drain_timeout)).
+//!
+//! **Long-lived gRPC watches.** A `Watch` or other server stream opened on
+//! generation N keeps N alive for as long as it runs, which may be days.
+//! Rotation cannot move an open stream to a new connection; nothing can,
+//! without cutting it. Have watchers re-establish their stream on their own
+//! schedule (say, every TTL, with jitter), and give the layer a
+//! `drain_timeout` of a few TTLs as a backstop.
+//!
+//! **LLM responses that run for minutes.** Take the p99.9 generation time
+//! `D` (often 2 to 10 minutes) and keep the TTL at several times `D`, so
+//! that few generations overlap: with `D = 10 min`, a TTL of 30 minutes
+//! keeps at most 2 or 3 alive. A `drain_timeout` above your gateway's own
+//! response timeout (say `D` plus a margin) guarantees that a stuck stream
+//! cannot pin a client forever.
+//!
+//! # When rotation is the wrong tool
+//!
+//! - **A TLS client identity that changes** (a certificate renewed every
+//!   day): a rustls `ResolvesClientCert` hands each new handshake the current
+//!   certificate without rebuilding anything. Rotate only if the client
+//!   cannot pick up new material by itself.
+//! - **Idle connections that go stale**: the pool's idle timeout (hyper-util's
+//!   `pool_idle_timeout`) closes them without touching busy ones.
+//! - **Balancing across backends when you run the servers**: a server-side
+//!   max connection age with a GOAWAY (gRPC's `MAX_CONNECTION_AGE`) drains
+//!   each connection gracefully, for every client at once.
+//! - **Per-request failover**: retries and outlier detection act per
+//!   request or per host; rotation rebuilds the whole client and helps only
+//!   when the client itself has gone bad.
+//!
+//! # Compared with the systems that do part of this
+//!
+//! | | this crate | .NET `IHttpClientFactory` | gRPC max connection age | Envoy | HikariCP | Finagle `ExpiringService` |
+//! |---|---|---|---|---|---|---|
+//! | What is renewed | the whole client | the message handler | one connection (server side) | one upstream connection | one connection | one service |
+//! | On time | TTL | `HandlerLifetime`, 2 min default | `MaxConnectionAge` | `max_connection_duration` | `maxLifetime`, 30 min default | max lifetime, max idle time |
+//! | Spread | shorten-only jitter, 10% default; optional first-rotation stagger | none | ±10% jitter | none | up to 2.5% | none |
+//! | In-flight work | kept until the last body byte, then retired | expired handlers disposed after the garbage collector finds them unreferenced | grace period (`MaxConnectionAgeGrace`), then forcibly closed | drained, then closed after a drain timeout | never retires a connection in use | waits for outstanding requests, then closes |
+//! | Request cap | `max_requests_per_generation` | no | no | `max_requests_per_connection` | no | no |
+//! | On failures | rotate after N consecutive failures, rate-limited | no | no | outlier detection ejects hosts | a failed validation evicts the connection | no |
+//! | Warm-up | async factory connects first; optional probe | no | no | no | validates before handing out | no |
+//!
+//! What they do that we don't: Envoy and HikariCP act per connection, so one
+//! bad connection goes without rebuilding a whole pool; Envoy's outlier
+//! detection ejects a bad host rather than a client; HikariCP validates a
+//! connection at every checkout, we only once, before a generation becomes
+//! current; gRPC's GOAWAY lets the *server* drain its clients, which a
+//! client-side layer cannot; .NET ties lifetimes into dependency injection
+//! and named clients. What none of them does: track a streaming response to
+//! its last byte and retire the client exactly then.
+//!
+//! # Recipes
+//!
+//! ## DNS re-resolution for a hyper-util client
+//!
+//! hyper-util resolves a name when it opens a connection, and keeps pooled
+//! (and HTTP/2) connections for as long as they live. A fresh client per
+//! generation opens fresh connections, so each rotation picks up what DNS
+//! says now, while open streams finish on the old addresses.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use http_body_util::Full;
+//! use hyper::body::Bytes;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::ServiceBuilder;
+//! use tower_rotating_client::RotatingClientLayer;
+//!
+//! # fn example() {
+//! let client = ServiceBuilder::new()
+//!     .layer(RotatingClientLayer::new(Duration::from_secs(5 * 60)).stagger_first_rotation(true))
+//!     .service(|| {
+//!         Client::builder(TokioExecutor::new())
+//!             .pool_idle_timeout(Duration::from_secs(30))
+//!             .build_http::<Full<Bytes>>()
+//!     });
+//! # let _ = client;
+//! # }
+//! ```
+//!
+//! ## tonic with pre-connect
+//!
+//! The async factory connects before a generation becomes current, so the
+//! swap never puts a cold channel in front of requests; [`warm_up`] adds a
+//! health check that must pass first.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), tower_rotating_client::BoxError> {
+//! use std::time::Duration;
+//! use tonic::transport::Endpoint;
+//! use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+//! use tower_rotating_client::{warm_up, RotatingClientLayer};
+//!
+//! let endpoint = Endpoint::from_static("http://127.0.0.1:50051");
+//! let channel = RotatingClientLayer::new(Duration::from_secs(30 * 60))
+//!     .build_timeout(Duration::from_secs(10))
+//!     .layer_async(warm_up(
+//!         move || {
+//!             let endpoint = endpoint.clone();
+//!             async move { endpoint.connect().await }
+//!         },
+//!         |channel| async move {
+//!             HealthClient::new(channel).check(HealthCheckRequest::default()).await.map(drop)
+//!         },
+//!     ))
+//!     .await?;
+//! let mut health = HealthClient::new(channel);
+//! let status = health.check(HealthCheckRequest::default()).await?;
+//! # let _ = status;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`warm_up`]: crate::warm_up
+//!
+//! ## A per-upstream cache of rotating clients
+//!
+//! An LLM gateway talks to several providers, each with its own base URL
+//! and credentials: one rotating client per upstream, built on first use.
+//! Handles are cheap clones that pin nothing, so the cache hands out clones
+//! and never evicts (an unused entry holds one idle client).
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::convert::Infallible;
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use http_body_util::BodyExt;
+//! use tower::{service_fn, ServiceExt};
+//! use tower::util::BoxCloneSyncService;
+//! use tower_layer::Layer;
+//! use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+//!
+//! type Client = BoxCloneSyncService<http::Request<String>, http::Response<String>, Infallible>;
+//!
+//! #[derive(Clone, Default)]
+//! struct Upstreams {
+//!     clients: Arc<Mutex<HashMap<String, RotatingClient<Client>>>>,
+//! }
+//!
+//! impl Upstreams {
+//!     fn client(&self, base_url: &str) -> RotatingClient<Client> {
+//!         let mut clients = self.clients.lock().expect("not poisoned");
+//!         clients
+//!             .entry(base_url.to_owned())
+//!             .or_insert_with(|| {
+//!                 let base_url = base_url.to_owned();
+//!                 RotatingClientLayer::new(Duration::from_secs(15 * 60))
+//!                     .layer(move || make_client(&base_url))
+//!             })
+//!             .clone()
+//!     }
+//! }
+//!
+//! // Stands in for a hyper-util client with this provider's credentials.
+//! fn make_client(base_url: &str) -> Client {
+//!     let base_url = base_url.to_owned();
+//!     BoxCloneSyncService::new(service_fn(move |request: http::Request<String>| {
+//!         let answer = format!("{base_url} answers {}", request.into_body());
+//!         async move { Ok::<_, Infallible>(http::Response::new(answer)) }
+//!     }))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let upstreams = Upstreams::default();
+//! let response = upstreams
+//!     .client("https://provider-a.example")
+//!     .oneshot(http::Request::new("hello".to_owned()))
+//!     .await
+//!     .unwrap();
+//! let body = response.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(body, "https://provider-a.example answers hello");
+//! assert_eq!(upstreams.clients.lock().unwrap().len(), 1);
+//! # }
+//! ```
+//!
+//! ## Exporting `stats()` to a metrics system
+//!
+//! [`stats()`](crate::RotatingClient::stats) is a snapshot cheap enough for
+//! a scrape every few seconds. Export gauges for the live generations and
+//! in-flight responses, and counters for rotations and failed builds; alert
+//! on `failed_builds` growing and on `live_generations` staying high.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_rotating_client::{RotatingClient, Stats};
+//!
+//! /// Whatever your metrics library offers: a gauge setter.
+//! fn export(stats: &Stats, mut gauge: impl FnMut(&str, f64)) {
+//!     gauge("rotating_client_generation", stats.current_generation as f64);
+//!     gauge("rotating_client_generation_age_seconds", stats.current_age.as_secs_f64());
+//!     gauge("rotating_client_live_generations", stats.live_generations as f64);
+//!     gauge("rotating_client_in_flight", stats.in_flight as f64);
+//!     gauge("rotating_client_rotations_total", stats.rotations as f64);
+//!     gauge("rotating_client_failed_builds_total", stats.failed_builds as f64);
+//!     gauge("rotating_client_forced_retirements_total", stats.forced_retirements as f64);
+//!     let oldest = stats.generations.first().map_or(0.0, |g| g.age.as_secs_f64());
+//!     gauge("rotating_client_oldest_generation_age_seconds", oldest);
+//! }
+//!
+//! /// Scrapes every `period`; spawn it and abort the task to stop.
+//! async fn scrape<S: Clone + Send + Sync + 'static>(client: RotatingClient<S>, period: Duration) {
+//!     let mut ticks = tokio::time::interval(period);
+//!     loop {
+//!         ticks.tick().await;
+//!         export(&client.stats(), |name, value| println!("{name} {value}"));
+//!     }
+//! }
+//! # let _ = scrape::<()>;
+//! ```
