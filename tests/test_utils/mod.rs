@@ -15,6 +15,9 @@
 //!   its pool on eviction and cuts in-flight streams), plus [`LiveCounter`].
 //! * [`read_body`], [`read_body_with_trailers`], [`read_at_least`].
 //! * [`HealthServer`]: gRPC `grpc.health.v1.Health` (tonic-health) server.
+//! * [`StreamServer::start_on`]: restart a server on the address of one
+//!   that was shut down.
+//! * [`XorShift`]: a tiny deterministic PRNG for reproducible load.
 //!
 //! # tonic 0.14 API notes (checked against tonic 0.14.9 / tonic-health 0.14.9)
 //!
@@ -363,6 +366,22 @@ impl ServerCore {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
+        Self::serve(listener, svc, stats)
+    }
+
+    /// Like [`ServerCore::start`], on a listener bound by the caller.
+    fn serve<S, B>(listener: TcpListener, svc: S, stats: Arc<ConnStats>) -> Self
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let addr = listener.local_addr().expect("local_addr");
         let conns = TaskTracker::default();
         let accept = {
@@ -447,6 +466,30 @@ pub struct StreamServer {
 impl StreamServer {
     /// Binds `127.0.0.1:0` and spawns the server on the current runtime.
     pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        Self::on_listener(listener)
+    }
+
+    /// Binds `addr` (typically the address of a server that was shut down,
+    /// to restart it on the same port) and spawns the server on the current
+    /// runtime. Retries for up to a second while the old listener is still
+    /// being torn down (`SO_REUSEADDR` makes `TIME_WAIT` no obstacle).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        for _ in 0..100 {
+            if let Ok(listener) = TcpListener::bind(addr).await {
+                return Self::on_listener(listener);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::on_listener(listener)
+    }
+
+    fn on_listener(listener: TcpListener) -> Self {
         let stats = Arc::new(ConnStats::default());
         let svc_stats = stats.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -454,7 +497,7 @@ impl StreamServer {
             handle_stream_request(req, seq)
         });
         StreamServer {
-            core: ServerCore::start(svc, stats).await,
+            core: ServerCore::serve(listener, svc, stats),
         }
     }
 
@@ -951,4 +994,132 @@ impl HealthServer {
     pub fn shutdown(&self) {
         self.core.shutdown();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic randomness
+// ---------------------------------------------------------------------------
+
+/// xorshift64*: a tiny deterministic PRNG, so that a failing load test
+/// replays exactly from its seed.
+#[derive(Clone, Debug)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed` (zero is remapped: xorshift needs a nonzero state).
+    pub fn new(seed: u64) -> Self {
+        XorShift(seed.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (`n > 0`; the modulo bias is irrelevant here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting and load
+// ---------------------------------------------------------------------------
+
+/// Polls `condition` every millisecond until it holds; panics with `what`
+/// after `limit` (real time: do not use under a paused clock with real I/O).
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Result of [`run_streams`].
+#[derive(Debug, Default)]
+pub struct StreamsOutcome {
+    /// Streams whose body arrived complete and byte-exact.
+    pub complete: usize,
+    /// Streams that did not: request error, body error, wrong or short
+    /// body, or timeout. One line each, saying why.
+    pub broken: Vec<String>,
+}
+
+/// Sends `total` requests made by `make_request(i)` through clones of
+/// `svc`, `concurrency` at a time (one task per worker, each with its own
+/// clone), reads every body to its end and compares it with `expected`.
+///
+/// Each stream is bounded by `per_stream` (request and body). Every clone
+/// of `svc`, including the one passed in, is dropped before this returns.
+pub async fn run_streams<S, B, M>(
+    svc: S,
+    total: usize,
+    concurrency: usize,
+    per_stream: Duration,
+    make_request: M,
+    expected: Vec<u8>,
+) -> StreamsOutcome
+where
+    S: tower::Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    M: Fn(usize) -> Request<Empty<Bytes>> + Send + Sync + 'static,
+{
+    use tower::ServiceExt;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let make_request = Arc::new(make_request);
+    let expected = Arc::new(expected);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut svc = svc.clone();
+            let next = Arc::clone(&next);
+            let make_request = Arc::clone(&make_request);
+            let expected = Arc::clone(&expected);
+            tokio::spawn(async move {
+                let mut outcome = StreamsOutcome::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let one = async {
+                        let svc = svc.ready().await.map_err(Into::into)?;
+                        let response = svc.call(make_request(i)).await.map_err(Into::into)?;
+                        read_body(response.into_body()).await
+                    };
+                    match tokio::time::timeout(per_stream, one).await {
+                        Ok(Ok(body)) if body == *expected => outcome.complete += 1,
+                        Ok(Ok(body)) => outcome.broken.push(format!(
+                            "stream {i}: wrong body, {} of {} bytes",
+                            body.len(),
+                            expected.len()
+                        )),
+                        Ok(Err(error)) => outcome.broken.push(format!("stream {i}: {error}")),
+                        Err(_) => outcome.broken.push(format!("stream {i}: timed out")),
+                    }
+                }
+                outcome
+            })
+        })
+        .collect();
+    drop(svc);
+
+    let mut outcome = StreamsOutcome::default();
+    for worker in workers {
+        let part = worker.await.expect("stream worker panicked");
+        outcome.complete += part.complete;
+        outcome.broken.extend(part.broken);
+    }
+    outcome
 }
