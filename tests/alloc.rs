@@ -1,0 +1,187 @@
+//! The layer adds no heap allocation per request.
+//!
+//! Its own test binary, because it installs a counting global allocator.
+//! Allocations are counted per thread, so the test harness and other tests
+//! running in parallel do not disturb the count.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::Full;
+use tower::{Layer, Service};
+use tower_rotating_client::{ResponseBody, ResponseFuture, RotatingClientLayer};
+
+/// Counts the allocations (and reallocations) of the current thread.
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    // `try_with`: the allocator may run while thread-locals are torn down.
+    let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
+}
+
+// SAFETY: every method forwards to `System` unchanged; counting touches only
+// a const-initialised thread-local `Cell`, which never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_one();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// Answers at once with a static one-chunk body; allocates nothing.
+#[derive(Clone, Copy, Debug)]
+struct Trivial;
+
+impl Service<Request<()>> for Trivial {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(Full::new(Bytes::from_static(b"hello")))))
+    }
+}
+
+struct NoopWaker;
+
+impl Wake for NoopWaker {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// `poll_ready` + `call` + response + the whole body; returns the body
+/// bytes seen.
+fn one_request<S, B>(service: &mut S, cx: &mut Context<'_>) -> usize
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    assert!(
+        service.poll_ready(cx).is_ready(),
+        "the trivial client is always ready"
+    );
+    let future = pin!(service.call(Request::new(())));
+    let Poll::Ready(Ok(response)) = future.poll(cx) else {
+        panic!("the trivial client answers at once");
+    };
+    let mut body = pin!(response.into_body());
+    let mut len = 0;
+    while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(cx) {
+        let frame = frame.expect("an infallible body");
+        len += frame.data_ref().map_or(0, Bytes::len);
+    }
+    len
+}
+
+/// Allocations made by `requests` requests through `service`, after a
+/// warm-up (which takes a handle's client clone and sets up arc-swap's
+/// per-thread state).
+fn count_allocations<S, B>(service: &mut S, requests: usize) -> u64
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let waker = Waker::from(Arc::new(NoopWaker));
+    let mut cx = Context::from_waker(&waker);
+    for _ in 0..100 {
+        one_request(service, &mut cx);
+    }
+    let before = allocations();
+    let mut bytes = 0;
+    for _ in 0..requests {
+        bytes += one_request(service, &mut cx);
+    }
+    let allocated = allocations() - before;
+    assert_eq!(bytes, requests * 5, "every request read the whole body");
+    allocated
+}
+
+const REQUESTS: usize = 10_000;
+
+#[test]
+fn the_layer_adds_no_allocation_per_request() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    let _entered = runtime.enter();
+
+    let before = allocations();
+    let probe = std::hint::black_box(Box::new(7u8));
+    assert_eq!(allocations(), before + 1, "the counter counts");
+    drop(probe);
+
+    let bare = count_allocations(&mut Trivial, REQUESTS);
+    assert_eq!(bare, 0, "the trivial client itself allocates nothing");
+
+    let client = RotatingClientLayer::new(Duration::from_secs(3600)).layer(|| Trivial);
+    let layered = count_allocations(&mut client.clone(), REQUESTS);
+    println!("allocations over {REQUESTS} requests: bare {bare}, RotatingClient {layered}");
+    assert_eq!(
+        layered, bare,
+        "RotatingClient allocates nothing per request without rotation"
+    );
+    assert_eq!(
+        client.stats().generations[0].requests,
+        REQUESTS as u64 + 100,
+        "every request went through the layer"
+    );
+}
+
+#[test]
+fn the_response_wrappers_add_at_most_two_words() {
+    type Inner = Full<Bytes>;
+    type InnerFuture = Ready<Result<Response<Inner>, Infallible>>;
+    let body = size_of::<ResponseBody<Inner>>() - size_of::<Inner>();
+    let future = size_of::<ResponseFuture<InnerFuture>>() - size_of::<InnerFuture>();
+    println!("size_of::<ResponseBody<B>>() - size_of::<B>() = {body} bytes (B = Full<Bytes>)");
+    println!("size_of::<ResponseFuture<F>>() - size_of::<F>() = {future} bytes (F = Ready<..>)");
+    assert!(body <= 16, "ResponseBody adds {body} bytes, more than 16");
+    assert!(
+        future <= 16,
+        "ResponseFuture adds {future} bytes, more than 16"
+    );
+}
