@@ -633,12 +633,21 @@ mod loom_tests {
         (current.id, Lease::new(pin(current)))
     }
 
+    /// Runs `f` under every interleaving loom explores (at most 3
+    /// preemptions unless `LOOM_MAX_PREEMPTIONS` says otherwise) and
+    /// prints how many that was.
     fn model(f: impl Fn() + Sync + Send + 'static) {
         let mut builder = loom::model::Builder::new();
         if builder.preemption_bound.is_none() {
             builder.preemption_bound = Some(3);
         }
-        builder.check(f);
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&runs);
+        builder.check(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            f();
+        });
+        println!("explored {} interleavings", runs.load(std::sync::atomic::Ordering::Relaxed));
     }
 
     #[test]
@@ -646,19 +655,24 @@ mod loom_tests {
         model(|| {
             let log = Log::default();
             let generations = Arc::new(log.generations());
-            let handle = {
-                let (generations, log) = (Arc::clone(&generations), log.clone());
-                thread::spawn(move || {
-                    let (id, lease) = lease_current(&generations);
-                    thread::yield_now();
-                    assert!(!log.is_retired(id), "generation {id} retired under a lease");
-                    drop(lease);
+            // Two handles pin while the main thread swaps: three threads.
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let (generations, log) = (Arc::clone(&generations), log.clone());
+                    thread::spawn(move || {
+                        let (id, lease) = lease_current(&generations);
+                        thread::yield_now();
+                        assert!(!log.is_retired(id), "generation {id} retired under a lease");
+                        drop(lease);
+                    })
                 })
-            };
+                .collect();
             let (id, old) = generations.install(Client(2), TTL);
             assert_eq!(id, 2);
             drop(old);
-            handle.join().expect("no panic");
+            for handle in handles {
+                handle.join().expect("no panic");
+            }
             assert!(
                 log.is_retired(1),
                 "generation 1 retires once its lease is gone"
