@@ -1,0 +1,814 @@
+//! The per-request cost of the layer, without any I/O.
+//!
+//! One request is `poll_ready` + `call` + polling the response future +
+//! draining a one-chunk body, on a trivial in-memory client whose future is
+//! `std::future::Ready`. Futures are polled by hand with a no-op waker, so
+//! the figure is the layer and nothing else.
+//!
+//! Variants, all in the same run:
+//!
+//! - `bare`: the trivial client alone;
+//! - `rotating/no_rotation`: `RotatingClient` with a 1 h TTL;
+//! - `rotating/rotate_every_1000`: `RotatingClient`, `rotate()` every 1,000
+//!   requests (a sync factory, so a rotation is a build plus a swap);
+//! - `alt/*`: other ways to swap a client, written here, that do the same
+//!   work per request (reserve the current generation in `poll_ready`,
+//!   reuse a cached clone of its client, count the request, keep the
+//!   generation alive until the body is drained): a `RwLock<Arc<_>>`, a
+//!   `Mutex<Arc<_>>` and arc-swap's `load_full()`, plus `weak_upgrade`, a
+//!   design with fewer atomic read-modify-writes per request (see
+//!   `WeakClient`).
+//!
+//! Group `single_thread` runs one handle; group `two_threads` runs two
+//! threads, each with its own handle on one shared service, and reports wall
+//! time per request (total wall time / total requests).
+//!
+//! After criterion's own report, a table of medians and ratios to `bare` is
+//! printed. `cargo bench --bench hot_path -- --quick` is a short run;
+//! `cargo test --bench hot_path` runs each variant once, as a smoke test.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex, PoisonError, RwLock, Weak};
+use std::task::{ready, Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use criterion::{BenchmarkGroup, Criterion};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+use tower_rotating_client::RotatingClientLayer;
+
+/// Requests between two rotations in `rotating/rotate_every_1000`.
+const ROTATE_EVERY: u64 = 1_000;
+
+// ---------------------------------------------------------------------------
+// The trivial client
+// ---------------------------------------------------------------------------
+
+/// Answers every request at once with a static one-chunk body. Allocates
+/// nothing: `Response::new` has no headers or extensions yet, and the body
+/// is `Bytes::from_static`.
+#[derive(Clone, Copy, Debug)]
+struct Trivial;
+
+impl Service<Request<()>> for Trivial {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, _request: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(Full::new(Bytes::from_static(b"hello")))))
+    }
+}
+
+/// A waker that does nothing: every future here is ready at once.
+struct NoopWaker;
+
+impl Wake for NoopWaker {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// One request, start to end of body. Panics if anything is not ready at
+/// once, which the trivial client guarantees.
+#[inline(always)]
+fn one_request<S, B>(service: &mut S, cx: &mut Context<'_>)
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body,
+{
+    assert!(
+        service.poll_ready(cx).is_ready(),
+        "the trivial client is always ready"
+    );
+    let future = pin!(service.call(Request::new(())));
+    let Poll::Ready(Ok(response)) = future.poll(cx) else {
+        panic!("the trivial client answers at once");
+    };
+    let mut body = pin!(response.into_body());
+    while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(cx) {
+        std::hint::black_box(frame.is_ok());
+    }
+}
+
+/// `n` requests. One function per variant, never inlined into the
+/// harness, so that every variant's loop is compiled alike whatever else
+/// the bench contains.
+#[inline(never)]
+fn requests<S, B>(service: &mut S, cx: &mut Context<'_>, n: u64)
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body,
+{
+    for _ in 0..n {
+        one_request(service, cx);
+    }
+}
+
+/// `n` requests, calling `rotate` after every `every`-th request (counted
+/// across calls in `count`).
+fn requests_rotating<S, B>(
+    service: &mut S,
+    cx: &mut Context<'_>,
+    mut n: u64,
+    count: &mut u64,
+    every: u64,
+    rotate: &dyn Fn(),
+) where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body,
+{
+    while n > 0 {
+        let chunk = n.min(every - *count % every);
+        requests(service, cx, chunk);
+        n -= chunk;
+        *count += chunk;
+        if *count % every == 0 {
+            rotate();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Alternative designs
+// ---------------------------------------------------------------------------
+
+/// A generation of an alternative design: an id, the client, and a count
+/// of requests served (`RotatingClient` counts them too, for `stats()` and
+/// `max_requests_per_generation`).
+struct Generation<S> {
+    id: u64,
+    client: S,
+    served: AtomicU64,
+}
+
+impl<S> Generation<S> {
+    fn first(client: S) -> Arc<Self> {
+        Arc::new(Generation {
+            id: 1,
+            client,
+            served: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Where an alternative design keeps the current generation.
+trait Slot<T>: Send + Sync + 'static {
+    fn new(value: Arc<T>) -> Self;
+    /// An owned reference to the current value.
+    fn load(&self) -> Arc<T>;
+}
+
+struct RwLockSlot<T>(RwLock<Arc<T>>);
+
+impl<T: Send + Sync + 'static> Slot<T> for RwLockSlot<T> {
+    fn new(value: Arc<T>) -> Self {
+        RwLockSlot(RwLock::new(value))
+    }
+
+    #[inline]
+    fn load(&self) -> Arc<T> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+struct MutexSlot<T>(Mutex<Arc<T>>);
+
+impl<T: Send + Sync + 'static> Slot<T> for MutexSlot<T> {
+    fn new(value: Arc<T>) -> Self {
+        MutexSlot(Mutex::new(value))
+    }
+
+    #[inline]
+    fn load(&self) -> Arc<T> {
+        Arc::clone(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+struct ArcSwapSlot<T>(ArcSwap<T>);
+
+impl<T: Send + Sync + 'static> Slot<T> for ArcSwapSlot<T> {
+    fn new(value: Arc<T>) -> Self {
+        ArcSwapSlot(ArcSwap::new(value))
+    }
+
+    #[inline]
+    fn load(&self) -> Arc<T> {
+        self.0.load_full()
+    }
+}
+
+/// An alternative swapping client. Does the same per-request work as
+/// `RotatingClient`: reserves the current generation in `poll_ready`,
+/// reuses its cached clone of the client while that generation is current,
+/// and hands the reservation to the response future and then the body.
+struct AltClient<L, S> {
+    slot: Arc<L>,
+    cached: Option<(u64, S)>,
+    reserved: Option<Arc<Generation<S>>>,
+}
+
+impl<L: Slot<Generation<S>>, S> AltClient<L, S> {
+    fn new(client: S) -> Self {
+        AltClient {
+            slot: Arc::new(L::new(Generation::first(client))),
+            cached: None,
+            reserved: None,
+        }
+    }
+}
+
+impl<L, S> Clone for AltClient<L, S> {
+    fn clone(&self) -> Self {
+        AltClient {
+            slot: Arc::clone(&self.slot),
+            cached: None,
+            reserved: None,
+        }
+    }
+}
+
+impl<L, S, B> Service<Request<()>> for AltClient<L, S>
+where
+    L: Slot<Generation<S>>,
+    S: Service<Request<()>, Response = Response<B>> + Clone,
+    B: Body,
+{
+    type Response = Response<GuardBody<B, Arc<Generation<S>>>>;
+    type Error = S::Error;
+    type Future = GuardFuture<S::Future, Arc<Generation<S>>>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        let current = self.slot.load();
+        let cached = match &mut self.cached {
+            Some((id, client)) if *id == current.id => client,
+            cached => &mut cached.insert((current.id, current.client.clone())).1,
+        };
+        ready!(cached.poll_ready(cx))?;
+        self.reserved = Some(current);
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let (Some(guard), Some((_, client))) = (self.reserved.take(), self.cached.as_mut()) else {
+            panic!("call before poll_ready");
+        };
+        guard.served.fetch_add(1, Ordering::Relaxed);
+        GuardFuture {
+            inner: client.call(request),
+            guard: Some(guard),
+        }
+    }
+}
+
+/// The design proposed for the layer: the current generation's id in a
+/// plain atomic, and in each handle a `Weak` to the generation it last used.
+/// A request is one load of the id, one `Weak::upgrade` (a compare-exchange
+/// on the strong count) and, when the body ends, one decrement: two
+/// read-modify-writes instead of arc-swap's four (debt slot, pay, increment,
+/// decrement). An idle handle's `Weak` keeps the generation's memory but not
+/// its client, so idle handles still pin nothing.
+struct WeakShared<S> {
+    current_id: AtomicU64,
+    /// For the slow path (a new generation), and for swaps.
+    current: ArcSwap<Generation<S>>,
+}
+
+struct WeakClient<S> {
+    shared: Arc<WeakShared<S>>,
+    cached: Option<(Weak<Generation<S>>, u64, S)>,
+    reserved: Option<Arc<Generation<S>>>,
+}
+
+impl<S> WeakClient<S> {
+    fn new(client: S) -> Self {
+        WeakClient {
+            shared: Arc::new(WeakShared {
+                current_id: AtomicU64::new(1),
+                current: ArcSwap::new(Generation::first(client)),
+            }),
+            cached: None,
+            reserved: None,
+        }
+    }
+}
+
+impl<S> Clone for WeakClient<S> {
+    fn clone(&self) -> Self {
+        WeakClient {
+            shared: Arc::clone(&self.shared),
+            cached: None,
+            reserved: None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<()>> for WeakClient<S>
+where
+    S: Service<Request<()>, Response = Response<B>> + Clone,
+    B: Body,
+{
+    type Response = Response<GuardBody<B, Arc<Generation<S>>>>;
+    type Error = S::Error;
+    type Future = GuardFuture<S::Future, Arc<Generation<S>>>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        let id = self.shared.current_id.load(Ordering::Acquire);
+        let pinned = match &self.cached {
+            Some((generation, cached_id, _)) if *cached_id == id => generation.upgrade(),
+            _ => None,
+        };
+        let current = match pinned {
+            Some(current) => current,
+            None => {
+                let current = self.shared.current.load_full();
+                self.cached = Some((Arc::downgrade(&current), current.id, current.client.clone()));
+                current
+            }
+        };
+        let Some((_, _, client)) = self.cached.as_mut() else {
+            unreachable!("cached above")
+        };
+        ready!(client.poll_ready(cx))?;
+        self.reserved = Some(current);
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let (Some(guard), Some((_, _, client))) = (self.reserved.take(), self.cached.as_mut())
+        else {
+            panic!("call before poll_ready");
+        };
+        guard.served.fetch_add(1, Ordering::Relaxed);
+        GuardFuture {
+            inner: client.call(request),
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project! {
+    /// Holds a guard until the response arrives, then moves it to the body.
+    struct GuardFuture<F, G> {
+        #[pin]
+        inner: F,
+        guard: Option<G>,
+    }
+}
+
+impl<F, G, B, E> Future for GuardFuture<F, G>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<GuardBody<B, G>>, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let guard = this.guard.take();
+        Poll::Ready(result.map(|response| {
+            response.map(|inner| {
+                let guard = if inner.is_end_stream() { None } else { guard };
+                GuardBody { inner, guard }
+            })
+        }))
+    }
+}
+
+pin_project! {
+    /// Holds a guard until the end of the stream, like `ResponseBody`.
+    struct GuardBody<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B: Body, G> Body for GuardBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let over = match &frame {
+            None | Some(Err(_)) => true,
+            Some(Ok(frame)) => frame.is_trailers() || this.inner.is_end_stream(),
+        };
+        if over {
+            *this.guard = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Measurement
+// ---------------------------------------------------------------------------
+
+/// Every sample criterion took, per benchmark: (iterations, time). Used for
+/// the table of medians at the end.
+#[derive(Default)]
+struct Samples(Mutex<BTreeMap<String, Vec<(u64, Duration)>>>);
+
+impl Samples {
+    fn record(&self, id: &str, iters: u64, elapsed: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .push((iters, elapsed));
+    }
+
+    /// Whether any benchmark has fewer than 10 samples.
+    fn too_few(&self) -> bool {
+        let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        samples.is_empty() || samples.values().any(|samples| samples.len() < 10)
+    }
+
+    /// Median time per iteration, in ns.
+    fn median_ns(&self, id: &str) -> Option<f64> {
+        let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut per_iter: Vec<f64> = samples
+            .get(id)?
+            .iter()
+            .map(|(iters, elapsed)| elapsed.as_secs_f64() * 1e9 / *iters as f64)
+            .collect();
+        per_iter.sort_by(f64::total_cmp);
+        per_iter.get(per_iter.len() / 2).copied()
+    }
+}
+
+/// A fresh current-thread runtime with the time driver, for the rotation
+/// timer and `rotate()`.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime")
+}
+
+/// The variants, in table order.
+const VARIANTS: [&str; 7] = [
+    "bare",
+    "rotating/no_rotation",
+    "rotating/rotate_every_1000",
+    "alt/rwlock_arc",
+    "alt/mutex_arc",
+    "alt/arc_swap_load_full",
+    "alt/weak_upgrade",
+];
+
+/// Benchmarks `service` on one thread, `iters` requests per sample.
+fn single<S, B>(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    samples: &Samples,
+    id: &str,
+    mut service: S,
+) where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body,
+{
+    let waker = Waker::from(Arc::new(NoopWaker));
+    let mut cx = Context::from_waker(&waker);
+    one_request(&mut service, &mut cx);
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            requests(&mut service, &mut cx, iters);
+            let elapsed = start.elapsed();
+            samples.record(&format!("single_thread/{id}"), iters, elapsed);
+            elapsed
+        })
+    });
+}
+
+/// Benchmarks two threads, each with its own clone of `service`, `iters`
+/// requests each per sample. The time reported is wall time per request:
+/// from the first thread's start to the last thread's end, halved.
+///
+/// `rotate`, if given, is called by the first thread every `ROTATE_EVERY / 2`
+/// of its requests, so about every `ROTATE_EVERY` requests overall.
+fn two_threads<S, B>(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    samples: &Samples,
+    id: &str,
+    service: S,
+    rotate: Option<&(dyn Fn() + Sync)>,
+) where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send,
+    B: Body,
+{
+    // Requests of the rotating thread, across samples.
+    let rotation_count = AtomicU64::new(0);
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let barrier = Barrier::new(2);
+            let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..2)
+                    .map(|thread| {
+                        let mut service = service.clone();
+                        let (barrier, rotation_count) = (&barrier, &rotation_count);
+                        scope.spawn(move || {
+                            let waker = Waker::from(Arc::new(NoopWaker));
+                            let mut cx = Context::from_waker(&waker);
+                            // A new handle clones its client on first use,
+                            // and arc-swap sets up per-thread state: not
+                            // part of the measurement.
+                            one_request(&mut service, &mut cx);
+                            barrier.wait();
+                            let start = Instant::now();
+                            match rotate.filter(|_| thread == 0) {
+                                Some(rotate) => {
+                                    let mut count = rotation_count.load(Ordering::Relaxed);
+                                    requests_rotating(
+                                        &mut service,
+                                        &mut cx,
+                                        iters,
+                                        &mut count,
+                                        ROTATE_EVERY / 2,
+                                        rotate,
+                                    );
+                                    rotation_count.store(count, Ordering::Relaxed);
+                                }
+                                None => requests(&mut service, &mut cx, iters),
+                            }
+                            (start, Instant::now())
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|thread| thread.join().expect("bench thread"))
+                    .collect()
+            });
+            let start = spans.iter().map(|span| span.0).min().expect("two spans");
+            let end = spans.iter().map(|span| span.1).max().expect("two spans");
+            let per_request = (end - start) / 2;
+            samples.record(&format!("two_threads/{id}"), iters, per_request);
+            per_request
+        })
+    });
+}
+
+fn bench_single_thread(c: &mut Criterion, samples: &Samples) {
+    let rt = runtime();
+    let _entered = rt.enter();
+    let mut group = c.benchmark_group("single_thread");
+
+    single(&mut group, samples, "bare", Trivial);
+
+    let layer = RotatingClientLayer::new(Duration::from_secs(3600));
+    single(
+        &mut group,
+        samples,
+        "rotating/no_rotation",
+        layer.layer(|| Trivial),
+    );
+
+    // `rotate()` with a sync factory completes on its first poll; run it
+    // on the runtime all the same, which also lets the driver task see the
+    // swap, as it would in production.
+    let client = layer.layer(|| Trivial);
+    let mut handle = client.clone();
+    let mut count = 0u64;
+    let waker = Waker::from(Arc::new(NoopWaker));
+    let mut cx = Context::from_waker(&waker);
+    let rotate = || {
+        rt.block_on(client.rotate()).expect("a sync build succeeds");
+    };
+    group.bench_function("rotating/rotate_every_1000", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            requests_rotating(
+                &mut handle,
+                &mut cx,
+                iters,
+                &mut count,
+                ROTATE_EVERY,
+                &rotate,
+            );
+            let elapsed = start.elapsed();
+            samples.record("single_thread/rotating/rotate_every_1000", iters, elapsed);
+            elapsed
+        })
+    });
+    assert!(
+        count < ROTATE_EVERY || client.stats().rotations > 0,
+        "the rotating variant did rotate"
+    );
+
+    single(
+        &mut group,
+        samples,
+        "alt/rwlock_arc",
+        AltClient::<RwLockSlot<_>, _>::new(Trivial),
+    );
+    single(
+        &mut group,
+        samples,
+        "alt/mutex_arc",
+        AltClient::<MutexSlot<_>, _>::new(Trivial),
+    );
+    single(
+        &mut group,
+        samples,
+        "alt/arc_swap_load_full",
+        AltClient::<ArcSwapSlot<_>, _>::new(Trivial),
+    );
+    single(
+        &mut group,
+        samples,
+        "alt/weak_upgrade",
+        WeakClient::new(Trivial),
+    );
+    group.finish();
+}
+
+/// The unit of the hot path's cost: one uncontended atomic
+/// read-modify-write (a `lock xadd` on x86), and a plain atomic load.
+fn bench_calibration(c: &mut Criterion, samples: &Samples) {
+    let mut group = c.benchmark_group("calibration");
+    let counter = AtomicU64::new(0);
+    group.bench_function("fetch_add", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(&counter).fetch_add(1, Ordering::Relaxed);
+            }
+            let elapsed = start.elapsed();
+            samples.record("calibration/fetch_add", iters, elapsed);
+            elapsed
+        })
+    });
+    group.bench_function("load", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(std::hint::black_box(&counter).load(Ordering::Acquire));
+            }
+            let elapsed = start.elapsed();
+            samples.record("calibration/load", iters, elapsed);
+            elapsed
+        })
+    });
+    group.finish();
+}
+
+fn bench_two_threads(c: &mut Criterion, samples: &Samples) {
+    let rt = runtime();
+    let _entered = rt.enter();
+    let mut group = c.benchmark_group("two_threads");
+
+    two_threads(&mut group, samples, "bare", Trivial, None);
+
+    let layer = RotatingClientLayer::new(Duration::from_secs(3600));
+    two_threads(
+        &mut group,
+        samples,
+        "rotating/no_rotation",
+        layer.layer(|| Trivial),
+        None,
+    );
+
+    let client = layer.layer(|| Trivial);
+    let rotate = || {
+        rt.block_on(client.rotate()).expect("a sync build succeeds");
+    };
+    two_threads(
+        &mut group,
+        samples,
+        "rotating/rotate_every_1000",
+        client.clone(),
+        Some(&rotate),
+    );
+
+    two_threads(
+        &mut group,
+        samples,
+        "alt/rwlock_arc",
+        AltClient::<RwLockSlot<_>, _>::new(Trivial),
+        None,
+    );
+    two_threads(
+        &mut group,
+        samples,
+        "alt/mutex_arc",
+        AltClient::<MutexSlot<_>, _>::new(Trivial),
+        None,
+    );
+    two_threads(
+        &mut group,
+        samples,
+        "alt/arc_swap_load_full",
+        AltClient::<ArcSwapSlot<_>, _>::new(Trivial),
+        None,
+    );
+    two_threads(
+        &mut group,
+        samples,
+        "alt/weak_upgrade",
+        WeakClient::new(Trivial),
+        None,
+    );
+    group.finish();
+}
+
+/// Prints medians and ratios to `bare`, as a Markdown table. Skipped when
+/// criterion only checked that each benchmark runs (`cargo test
+/// --benches`): one iteration says nothing.
+fn print_table(samples: &Samples) {
+    if samples.too_few() {
+        println!("\n(test mode: no table of medians)");
+        return;
+    }
+    println!(
+        "\n| variant | 1 thread: ns/request | over bare (ns) | ratio to bare \
+         | 2 threads: ns/request | ratio to bare |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let bare_single = samples.median_ns("single_thread/bare");
+    let bare_two = samples.median_ns("two_threads/bare");
+    let show =
+        |value: Option<f64>, format: &dyn Fn(f64) -> String| value.map_or("-".to_owned(), format);
+    for variant in VARIANTS {
+        let single = samples.median_ns(&format!("single_thread/{variant}"));
+        let two = samples.median_ns(&format!("two_threads/{variant}"));
+        let over = single.zip(bare_single).map(|(single, bare)| single - bare);
+        let single_ratio = single.zip(bare_single).map(|(single, bare)| single / bare);
+        let two_ratio = two.zip(bare_two).map(|(two, bare)| two / bare);
+        println!(
+            "| {variant} | {} | {} | {} | {} | {} |",
+            show(single, &|ns| format!("{ns:.1}")),
+            show(over, &|ns| format!("{ns:+.1}")),
+            show(single_ratio, &|ratio| format!("{ratio:.2}x")),
+            show(two, &|ns| format!("{ns:.1}")),
+            show(two_ratio, &|ratio| format!("{ratio:.2}x")),
+        );
+    }
+    if let (Some(rmw), Some(load)) = (
+        samples.median_ns("calibration/fetch_add"),
+        samples.median_ns("calibration/load"),
+    ) {
+        println!(
+            "\none uncontended atomic fetch_add: {rmw:.1} ns; one atomic load: {load:.1} ns \
+             (loop included)"
+        );
+    }
+    if let (Some(single), Some(two)) = (bare_single, bare_two) {
+        println!(
+            "\nspeed-up of bare on two threads: {:.2} (2.00: the threads ran fully in parallel; \
+             near 1: they mostly took turns, and the two-thread figures show little contention)",
+            single / two
+        );
+    }
+}
+
+fn main() {
+    // Shorter than criterion's defaults (3 s + 5 s per benchmark), so that
+    // the 14 benchmarks take about a minute; arguments still override.
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    let samples = Samples::default();
+    bench_calibration(&mut criterion, &samples);
+    bench_single_thread(&mut criterion, &samples);
+    bench_two_threads(&mut criterion, &samples);
+    criterion.final_summary();
+    print_table(&samples);
+}
