@@ -22,15 +22,19 @@ pin_project! {
         #[pin]
         inner: F,
         lease: Option<Lease>,
+        // Whether the outcome needs a look (failure trigger, extension):
+        // kept here so the common case costs one branch, not a call.
+        observe: bool,
     }
 }
 
 impl<F> ResponseFuture<F> {
     #[inline]
-    pub(crate) fn new(inner: F, lease: Lease) -> Self {
+    pub(crate) fn new(inner: F, lease: Lease, observe: bool) -> Self {
         ResponseFuture {
             inner,
             lease: Some(lease),
+            observe,
         }
     }
 }
@@ -48,20 +52,38 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let lease = this.lease.take();
-        Poll::Ready(match result {
-            Ok(mut response) => {
-                if let Some(lease) = &lease {
-                    lease.on_response(&mut response);
-                }
-                Ok(response.map(|body| ResponseBody::new(body, lease)))
+        if *this.observe {
+            return Poll::Ready(observed(result, lease));
+        }
+        Poll::Ready(result.map(|response| response.map(|body| ResponseBody::new(body, lease))))
+    }
+}
+
+/// The outcome of a call whose generation watches outcomes: the failure
+/// trigger judges it, and the response may get a `GenerationId`.
+#[cold]
+#[inline(never)]
+fn observed<B, E>(
+    result: Result<http::Response<B>, E>,
+    lease: Option<Lease>,
+) -> Result<http::Response<ResponseBody<B>>, E>
+where
+    B: http_body::Body,
+    E: 'static,
+{
+    match result {
+        Ok(mut response) => {
+            if let Some(lease) = &lease {
+                lease.on_response(&mut response);
             }
-            Err(error) => {
-                if let Some(lease) = &lease {
-                    lease.on_error(&error);
-                }
-                Err(error)
+            Ok(response.map(|body| ResponseBody::new(body, lease)))
+        }
+        Err(error) => {
+            if let Some(lease) = &lease {
+                lease.on_error(&error);
             }
-        })
+            Err(error)
+        }
     }
 }
 

@@ -23,7 +23,7 @@
 use std::any::Any;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
@@ -35,7 +35,7 @@ use crate::driver::Rng;
 use crate::layer::RetireHook;
 use crate::stats::{GenerationStats, RetiredGeneration};
 use crate::sync::{
-    self, Arc, AtomicBool, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard, SwapOption,
+    self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard, SwapOption,
 };
 use crate::trigger::{CallOutcome, FailurePolicy, GenerationId, Reason};
 
@@ -43,6 +43,12 @@ use crate::trigger::{CallOutcome, FailurePolicy, GenerationId, Reason};
 /// bookkeeping behind it. This is the whole protocol that loom checks.
 pub(crate) struct Generations<S: 'static> {
     current: Swap<Generation<S>>,
+    /// The id of the generation in `current`, for the fast path of
+    /// `poll_ready`: a handle whose cached client has this id only needs
+    /// to upgrade its `Weak`, not to read the slot.
+    current_id: AtomicU64,
+    /// Makes the swap and the `current_id` store one step.
+    install: Mutex<()>,
     core: Arc<Core<S>>,
 }
 
@@ -57,7 +63,9 @@ impl<S: Send + Sync + 'static> Generations<S> {
         let core = Core::new(hook, triggers);
         let generation = Core::new_generation(&core, first, lifetime);
         Generations {
+            current_id: AtomicU64::new(generation.id),
             current: Swap::new(generation),
+            install: Mutex::new(()),
             core,
         }
     }
@@ -68,7 +76,10 @@ impl<S: Send + Sync + 'static> Generations<S> {
     pub(crate) fn install(&self, client: S, lifetime: Duration) -> (u64, Arc<Generation<S>>) {
         let generation = Core::new_generation(&self.core, client, lifetime);
         let id = generation.id;
+        let installing = self.install.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.swap(generation);
+        self.current_id.store(id, Ordering::Release);
+        drop(installing);
         old.start_draining();
         self.core.rotations.fetch_add(1, Ordering::Relaxed);
         // A trigger fired on the old generation is served by this swap.
@@ -93,6 +104,12 @@ impl<S: 'static> Generations<S> {
     #[inline]
     pub(crate) fn load(&self) -> SwapGuard<Generation<S>> {
         self.current.load()
+    }
+
+    /// The id of the current generation. One atomic load.
+    #[inline]
+    pub(crate) fn current_id(&self) -> u64 {
+        self.current_id.load(Ordering::Acquire)
     }
 }
 
@@ -287,7 +304,7 @@ pub(crate) struct Generation<S: 'static> {
     /// `max_requests_per_generation`, or `u64::MAX`.
     request_cap: u64,
     /// Whether responses need a look (failure policy, extension).
-    observes_responses: bool,
+    pub(crate) observes_responses: bool,
     /// Consecutive failures, for `rotate_on_failures`.
     failures: AtomicU32,
     draining_since: Mutex<Option<Instant>>,
@@ -749,6 +766,7 @@ mod loom_tests {
             assert_ne!(rotate_id, timed_id, "two swaps, two generations");
             let current = generations.load().id;
             assert!(current == 2 || current == 3);
+            assert_eq!(generations.current_id(), current, "the fast-path id matches the slot");
             drop(lease);
             assert_eq!(
                 generations.core().live_count(),

@@ -18,7 +18,6 @@ use crate::future::ResponseFuture;
 use crate::generation::{self, Core, Generation, Generations, Lease, Triggers};
 use crate::layer::{Config, RetireHook};
 use crate::stats::Stats;
-use crate::sync::SwapGuard;
 use crate::trigger::Reason;
 
 /// State shared by all clones of one [`RotatingClient`].
@@ -168,9 +167,12 @@ pub struct RotatingClient<S: 'static> {
 }
 
 /// A handle's own clone of one generation's client.
-struct Cached<S> {
+struct Cached<S: 'static> {
     generation: u64,
     client: S,
+    /// Lets the next `poll_ready` pin this generation without reading the
+    /// slot, while it is current. A `Weak` does not keep the client alive.
+    weak: crate::sync::Weak<Generation<S>>,
 }
 
 impl<S> RotatingClient<S>
@@ -325,6 +327,15 @@ where
             return self.poll_cached(cx, None);
         }
         self.shared.ensure_driver();
+        // Fast path: our client is from the current generation, which is
+        // still alive. One atomic load and one reference count.
+        if let Some(cached) = &self.cached {
+            if cached.generation == self.shared.generations.current_id() {
+                if let Some(generation) = cached.weak.upgrade() {
+                    return self.poll_cached(cx, Some(generation));
+                }
+            }
+        }
         loop {
             let current = self.shared.generations.load();
             if self
@@ -332,7 +343,7 @@ where
                 .as_ref()
                 .is_some_and(|c| c.generation == current.id)
             {
-                return self.poll_cached(cx, Some(current));
+                return self.poll_cached(cx, Some(generation::pin(current)));
             }
             // A new generation for this handle: take a clone of its client.
             // `None` means it was force-retired between our load and now;
@@ -341,8 +352,9 @@ where
                 self.cached = Some(Cached {
                     generation: current.id,
                     client,
+                    weak: crate::sync::downgrade(&current),
                 });
-                return self.poll_cached(cx, Some(current));
+                return self.poll_cached(cx, Some(generation::pin(current)));
             }
         }
     }
@@ -352,7 +364,8 @@ where
             panic!("RotatingClient::call was called before poll_ready returned Ready; call poll_ready (or ServiceExt::ready) first");
         };
         generation.record_request();
-        ResponseFuture::new(cached.client.call(req), Lease::new(generation))
+        let observe = generation.observes_responses;
+        ResponseFuture::new(cached.client.call(req), Lease::new(generation), observe)
     }
 }
 
@@ -361,12 +374,12 @@ where
     S: Send + Sync + 'static,
 {
     /// Polls the cached client. On Ready, reserves `current` (or keeps the
-    /// existing reservation when `current` is `None`).
+    /// existing reservation when `current` is `None`); otherwise lets go.
     #[inline]
     fn poll_cached<Req>(
         &mut self,
         cx: &mut Context<'_>,
-        current: Option<SwapGuard<Generation<S>>>,
+        current: Option<crate::sync::Arc<Generation<S>>>,
     ) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,
@@ -376,8 +389,8 @@ where
         };
         match cached.client.poll_ready(cx) {
             Poll::Ready(Ok(())) => {
-                if let Some(current) = current {
-                    self.reserved = Some(generation::pin(current));
+                if current.is_some() {
+                    self.reserved = current;
                 }
                 Poll::Ready(Ok(()))
             }

@@ -8,8 +8,12 @@
 
 #[cfg(not(loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize};
-    pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+    pub(crate) use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+    pub(crate) fn downgrade<T>(this: &Arc<T>) -> Weak<T> {
+        Arc::downgrade(this)
+    }
 
     /// The current-generation slot.
     pub(crate) type Swap<T> = arc_swap::ArcSwap<T>;
@@ -32,8 +36,24 @@ mod imp {
 
 #[cfg(loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
     pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+
+    /// Loom has no `Weak`. This one never upgrades, so under loom a handle
+    /// always takes the slot path in `poll_ready`, which is what the models
+    /// check; the fast path's safety is `std`'s `Weak::upgrade`.
+    #[derive(Debug)]
+    pub(crate) struct Weak<T>(std::marker::PhantomData<fn() -> T>);
+
+    impl<T> Weak<T> {
+        pub(crate) fn upgrade(&self) -> Option<Arc<T>> {
+            None
+        }
+    }
+
+    pub(crate) fn downgrade<T>(_this: &Arc<T>) -> Weak<T> {
+        Weak(std::marker::PhantomData)
+    }
 
     /// Stands in for `ArcSwap` under loom.
     #[derive(Debug)]
