@@ -156,10 +156,14 @@ impl<S: 'static> Drop for Shared<S> {
 ///   as tower's `Service` contract requires. Dropping the handle releases
 ///   it.
 /// - *After `call`*: a clone of the client it used, reused for the next
-///   request while that generation is current. It does not pin the
-///   generation (which retires and is handed to the retire hook as usual),
-///   but the clone itself, and whatever it shares with the other clones,
-///   lives until the handle is next polled or dropped.
+///   request while that generation is current, and a `Weak` reference to
+///   the generation. Neither pins the generation, which retires and is
+///   handed to the retire hook as usual; but the clone itself, and whatever
+///   it shares with the other clones (a pool, a connection task), lives
+///   until the handle is next polled or dropped. A long-lived worker handle
+///   can therefore keep a retired client's connections open after the
+///   generation has retired; drop or re-poll it, or use a fresh clone per
+///   request (as `ServiceExt::oneshot` on a clone does).
 pub struct RotatingClient<S: 'static> {
     shared: Arc<Shared<S>>,
     cached: Option<Cached<S>>,
