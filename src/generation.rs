@@ -76,7 +76,10 @@ impl<S: Send + Sync + 'static> Generations<S> {
     pub(crate) fn install(&self, client: S, lifetime: Duration) -> (u64, Arc<Generation<S>>) {
         let generation = Core::new_generation(&self.core, client, lifetime);
         let id = generation.id;
-        let installing = self.install.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let installing = self
+            .install
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.swap(generation);
         self.current_id.store(id, Ordering::Release);
         drop(installing);
@@ -664,7 +667,10 @@ mod loom_tests {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             f();
         });
-        println!("explored {} interleavings", runs.load(std::sync::atomic::Ordering::Relaxed));
+        println!(
+            "explored {} interleavings",
+            runs.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
 
     #[test]
@@ -766,7 +772,11 @@ mod loom_tests {
             assert_ne!(rotate_id, timed_id, "two swaps, two generations");
             let current = generations.load().id;
             assert!(current == 2 || current == 3);
-            assert_eq!(generations.current_id(), current, "the fast-path id matches the slot");
+            assert_eq!(
+                generations.current_id(),
+                current,
+                "the fast-path id matches the slot"
+            );
             drop(lease);
             assert_eq!(
                 generations.core().live_count(),

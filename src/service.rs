@@ -446,6 +446,18 @@ mod tests {
         (tx, http::Request::new(body))
     }
 
+    /// Starts a response whose body stays open until the sender is dropped.
+    async fn open_stream(
+        client: &RotatingClient<TagClient>,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<Step>,
+        ResponseBody<ScriptBody>,
+    ) {
+        let (tx, req) = open_request();
+        let response = client.clone().oneshot(req).await.expect("infallible");
+        (tx, response.into_body())
+    }
+
     fn tagged(ttl: Duration, builds: &Builds, retired: &Retired) -> RotatingClient<TagClient> {
         RotatingClientLayer::new(ttl)
             .jitter(0.0)
@@ -620,13 +632,7 @@ mod tests {
     async fn dropping_a_body_mid_stream_releases_its_generation() {
         let (builds, retired) = (Builds::default(), Retired::default());
         let client = tagged(TTL, &builds, &retired);
-        let (tx, req) = open_request();
-        let mut body = client
-            .clone()
-            .oneshot(req)
-            .await
-            .expect("infallible")
-            .into_body();
+        let (tx, mut body) = open_stream(&client).await;
         tx.send(Step::Data("x")).expect("alive");
         body.frame().await.expect("frame").expect("data");
         advance(TTL).await;
@@ -643,13 +649,7 @@ mod tests {
     async fn a_body_error_passes_through_and_releases() {
         let (builds, retired) = (Builds::default(), Retired::default());
         let client = tagged(TTL, &builds, &retired);
-        let (tx, req) = open_request();
-        let mut body = client
-            .clone()
-            .oneshot(req)
-            .await
-            .expect("infallible")
-            .into_body();
+        let (tx, mut body) = open_stream(&client).await;
         client.rotate().await.expect("builds");
         tx.send(Step::Error("connection reset")).expect("alive");
         let error = body.frame().await.expect("frame").expect_err("inner error");
@@ -887,8 +887,7 @@ mod tests {
     async fn every_generation_retires_exactly_once_including_at_shutdown() {
         let (builds, retired) = (Builds::default(), Retired::default());
         let client = tagged(TTL, &builds, &retired);
-        let (tx, req) = open_request();
-        let body = client.clone().oneshot(req).await.expect("ok").into_body();
+        let (tx, body) = open_stream(&client).await;
         for _ in 0..3 {
             advance(TTL).await;
         }
@@ -1018,11 +1017,9 @@ mod tests {
             .max_live_generations(2)
             .on_retire(retired.hook())
             .layer(builds.factory());
-        let (tx1, req) = open_request();
-        let body1 = client.clone().oneshot(req).await.expect("ok").into_body();
+        let (tx1, body1) = open_stream(&client).await;
         advance(TTL).await;
-        let (tx2, req) = open_request();
-        let body2 = client.clone().oneshot(req).await.expect("ok").into_body();
+        let (tx2, body2) = open_stream(&client).await;
         assert_eq!(live(&client.stats()), vec![1, 2]);
 
         advance(TTL * 3).await;
@@ -1050,8 +1047,7 @@ mod tests {
             .jitter(0.0)
             .max_live_generations(1)
             .layer(builds.factory());
-        let (tx, req) = open_request();
-        let body = client.clone().oneshot(req).await.expect("ok").into_body();
+        let (tx, body) = open_stream(&client).await;
         advance(TTL * 2).await;
         assert_eq!(client.stats().current_generation, 1, "busy: postponed");
         drop((tx, body));
@@ -1069,9 +1065,7 @@ mod tests {
             .drain_timeout(Duration::from_secs(5))
             .on_retire(retired.hook())
             .layer(builds.factory());
-        let (tx, req) = open_request();
-        let mut body: ResponseBody<ScriptBody> =
-            client.clone().oneshot(req).await.expect("ok").into_body();
+        let (tx, mut body) = open_stream(&client).await;
         client.rotate().await.expect("builds");
         advance(Duration::from_millis(4999)).await;
         assert_eq!(live(&client.stats()), vec![1, 2], "still draining");
