@@ -446,6 +446,15 @@ mod tests {
         (tx, http::Request::new(body))
     }
 
+    /// One request through this very handle (not a clone): `ready` then
+    /// `call`, as a long-lived worker does.
+    async fn call_on(
+        handle: &mut RotatingClient<TagClient>,
+    ) -> http::Response<ResponseBody<ScriptBody>> {
+        let ready = handle.ready().await.expect("infallible");
+        ready.call(request()).await.expect("infallible")
+    }
+
     /// Starts a response whose body stays open until the sender is dropped.
     async fn open_stream(
         client: &RotatingClient<TagClient>,
@@ -792,13 +801,7 @@ mod tests {
         let stored_clone = state.clone();
         let mut worker = state.clone();
         // A finished request leaves a stale clone in `worker`.
-        let response = worker
-            .ready()
-            .await
-            .expect("ready")
-            .call(request())
-            .await
-            .expect("ok");
+        let response = call_on(&mut worker).await;
         assert_eq!(served_by(&response), 1);
         drop(response);
         assert_eq!(state.stats().in_flight, 0);
@@ -809,13 +812,7 @@ mod tests {
             vec![1],
             "neither the idle worker nor stored clones pin"
         );
-        let response = worker
-            .ready()
-            .await
-            .expect("ready")
-            .call(request())
-            .await
-            .expect("ok");
+        let response = call_on(&mut worker).await;
         assert_eq!(served_by(&response), 2, "the idle worker moved on");
         drop(stored_clone);
     }
@@ -852,23 +849,11 @@ mod tests {
         let (builds, retired) = (Builds::default(), Retired::default());
         let client = tagged(TTL, &builds, &retired);
         let mut handle = client.clone();
-        let before = handle
-            .ready()
-            .await
-            .expect("ready")
-            .call(request())
-            .await
-            .expect("ok");
+        let before = call_on(&mut handle).await;
         assert_eq!(served_by(&before), 1);
         advance(TTL / 2).await;
         assert_eq!(client.rotate().await.expect("builds"), 2);
-        let after = handle
-            .ready()
-            .await
-            .expect("ready")
-            .call(request())
-            .await
-            .expect("ok");
+        let after = call_on(&mut handle).await;
         assert_eq!(
             served_by(&after),
             2,
