@@ -172,7 +172,7 @@ fn the_layer_adds_no_allocation_per_request() {
 }
 
 #[test]
-fn the_response_wrappers_add_at_most_two_words() {
+fn the_response_wrappers_stay_small() {
     type Inner = Full<Bytes>;
     type InnerFuture = Ready<Result<Response<Inner>, Infallible>>;
     let body = size_of::<ResponseBody<Inner>>() - size_of::<Inner>();
@@ -180,8 +180,10 @@ fn the_response_wrappers_add_at_most_two_words() {
     println!("size_of::<ResponseBody<B>>() - size_of::<B>() = {body} bytes (B = Full<Bytes>)");
     println!("size_of::<ResponseFuture<F>>() - size_of::<F>() = {future} bytes (F = Ready<..>)");
     assert!(body <= 16, "ResponseBody adds {body} bytes, more than 16");
+    // The lease plus the flag that keeps the outcome hooks off the common
+    // path (padded to a word).
     assert!(
-        future <= 16,
-        "ResponseFuture adds {future} bytes, more than 16"
+        future <= 24,
+        "ResponseFuture adds {future} bytes, more than 24"
     );
 }
