@@ -439,7 +439,8 @@ where
 
     /// Builds the first generation by calling `factory` (a panic in it
     /// reaches the caller) and returns the service. No runtime is needed
-    /// here; the rotation timer starts on first use inside one.
+    /// here: the rotation timer starts now if a Tokio runtime is present,
+    /// otherwise on first use inside one.
     fn layer(&self, factory: F) -> RotatingClient<S> {
         let first = factory();
         RotatingClient::from_parts(

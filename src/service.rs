@@ -164,6 +164,12 @@ impl<S: 'static> Drop for Shared<S> {
 ///   can therefore keep a retired client's connections open after the
 ///   generation has retired; drop or re-poll it, or use a fresh clone per
 ///   request (as `ServiceExt::oneshot` on a clone does).
+///
+/// # Panics
+///
+/// `call` panics unless the last `poll_ready` returned Ready. `poll_ready`
+/// and `rotate` panic outside a Tokio runtime if the rotation timer has not
+/// started yet (it starts at construction when a runtime is present).
 pub struct RotatingClient<S: 'static> {
     shared: Arc<Shared<S>>,
     cached: Option<Cached<S>>,
