@@ -17,49 +17,19 @@ use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use test_utils::*;
-use tokio::time::timeout;
 use tower::Service;
 use tower_layer::Layer;
 use tower_rotating_client::RotatingClientLayer;
 
-/// Lifetime of a generation, and the period of the naive swap.
+/// Lifetime of a generation, and the period of the naive swap: each
+/// [`long_streams`] stream outlives about ten of them.
 const TTL: Duration = Duration::from_millis(30);
 const STREAMS: usize = 300;
 const CONCURRENCY: usize = 30;
-/// 30 chunks 10 ms apart: each stream outlives about ten rotations.
-const CHUNKS: usize = 30;
-const CHUNK_DELAY_MS: u64 = 10;
-const CHUNK_SIZE: usize = 64;
 /// Rotations the load must at least see (it lasts about 100 TTLs).
 const MIN_ROTATIONS: u64 = 10;
-/// Bounds one stream, and every wait for a count to settle.
+/// Bounds every wait for a count to settle.
 const LIMIT: Duration = Duration::from_secs(10);
-/// Bounds a whole load run.
-const LOAD_LIMIT: Duration = Duration::from_secs(40);
-
-/// Runs the same load for every variant: `STREAMS` long streams from `server`.
-async fn load<S, B>(server: &StreamServer, svc: S) -> StreamsOutcome
-where
-    S: Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let uri = server.uri("/stream");
-    let streams = run_streams(
-        svc,
-        STREAMS,
-        CONCURRENCY,
-        LIMIT,
-        move |_| stream_request(uri.clone(), CHUNKS, CHUNK_DELAY_MS, CHUNK_SIZE),
-        expected_body(CHUNKS, CHUNK_SIZE),
-    );
-    timeout(LOAD_LIMIT, streams)
-        .await
-        .expect("the load finished in time")
-}
 
 async fn rotation_keeps_every_stream(version: HttpVersion) {
     let server = StreamServer::start().await;
@@ -72,7 +42,7 @@ async fn rotation_keeps_every_stream(version: HttpVersion) {
 
     let run = tokio::spawn({
         let rotating = rotating.clone();
-        async move { load(&server, rotating).await }
+        async move { long_streams(rotating, server.uri("/stream"), STREAMS, CONCURRENCY).await }
     });
     // Sample while the streams run: retired generations that still carry
     // streams stay alive next to the current one.
@@ -83,15 +53,7 @@ async fn rotation_keeps_every_stream(version: HttpVersion) {
     }
     let outcome = run.await.expect("the load panicked");
 
-    assert_eq!(
-        outcome.broken,
-        Vec::<String>::new(),
-        "{version:?}: no stream may be cut by a rotation"
-    );
-    assert_eq!(
-        outcome.complete, STREAMS,
-        "{version:?}: every stream complete"
-    );
+    outcome.assert_none_cut(STREAMS, &format!("{version:?}"));
     let stats = rotating.stats();
     assert!(
         stats.rotations >= MIN_ROTATIONS,
@@ -179,7 +141,7 @@ async fn naive_swap_cuts_streams(version: HttpVersion) {
         }
     });
 
-    let outcome = load(&server, naive).await;
+    let outcome = long_streams(naive, server.uri("/stream"), STREAMS, CONCURRENCY).await;
     swapper.abort();
 
     assert!(

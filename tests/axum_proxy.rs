@@ -8,7 +8,6 @@
 mod test_utils;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,24 +21,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use test_utils::*;
-use tokio::time::timeout;
 use tower::ServiceExt;
 use tower_layer::Layer;
-use tower_rotating_client::{RetiredGeneration, RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{RotatingClient, RotatingClientLayer};
 
 type Upstream = Client<HttpConnector, Body>;
 
+/// Each [`long_streams`] stream outlives about ten generations.
 const TTL: Duration = Duration::from_millis(30);
 const STREAMS: usize = 90;
 const CONCURRENCY: usize = 15;
-/// 30 chunks 10 ms apart: each stream outlives about ten rotations.
-const CHUNKS: usize = 30;
-const CHUNK_DELAY_MS: u64 = 10;
-const CHUNK_SIZE: usize = 64;
 const MIN_ROTATIONS: u64 = 10;
-/// Bounds one stream, and every wait for a count to settle.
+/// Bounds every wait for a count to settle.
 const LIMIT: Duration = Duration::from_secs(10);
-const LOAD_LIMIT: Duration = Duration::from_secs(40);
 
 /// The router's state.
 #[derive(Clone)]
@@ -72,15 +66,9 @@ async fn forward(State(proxy): State<Proxy>, mut request: Request) -> Result<Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_streams_survive_rotations() {
     let upstream = StreamServer::start().await;
-    let retired: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let retired = RetireLog::default();
     let rotating = RotatingClientLayer::new(TTL)
-        .on_retire({
-            let retired = Arc::clone(&retired);
-            move |client: Upstream, generation: RetiredGeneration| {
-                retired.lock().expect("retired lock").push(generation.id);
-                drop(client);
-            }
-        })
+        .on_retire(retired.hook())
         .layer(|| Client::builder(TokioExecutor::new()).build_http());
 
     let app = Router::new().fallback(forward).with_state(Proxy {
@@ -99,25 +87,9 @@ async fn proxied_streams_survive_rotations() {
     let uri: http::Uri = format!("http://{proxy_addr}/stream")
         .parse()
         .expect("proxy uri");
-    let outcome = timeout(
-        LOAD_LIMIT,
-        run_streams(
-            caller,
-            STREAMS,
-            CONCURRENCY,
-            LIMIT,
-            move |_| stream_request(uri.clone(), CHUNKS, CHUNK_DELAY_MS, CHUNK_SIZE),
-            expected_body(CHUNKS, CHUNK_SIZE),
-        ),
-    )
-    .await
-    .expect("the load finished in time");
-    assert_eq!(
-        outcome.broken,
-        Vec::<String>::new(),
-        "no proxied stream may be cut by a rotation"
-    );
-    assert_eq!(outcome.complete, STREAMS);
+    long_streams(caller, uri, STREAMS, CONCURRENCY)
+        .await
+        .assert_none_cut(STREAMS, "through the proxy");
     let rotations = rotating.stats().rotations;
     assert!(
         rotations >= MIN_ROTATIONS,
@@ -131,9 +103,7 @@ async fn proxied_streams_survive_rotations() {
         LIMIT,
         || {
             let stats = rotating.stats();
-            let mut ids = retired.lock().expect("retired lock").clone();
-            ids.sort_unstable();
-            stats.live_generations == 1 && ids == (1..stats.current_generation).collect::<Vec<_>>()
+            stats.live_generations == 1 && retired.is_all_before(stats.current_generation)
         },
     )
     .await;

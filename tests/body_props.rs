@@ -16,11 +16,13 @@
 //!   empty from the start. `holds_generation()`, `stats()` and the retire
 //!   hook (called exactly once) must all agree.
 
+mod test_utils;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -29,8 +31,10 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
-use tower::{Layer, Service, ServiceExt};
-use tower_rotating_client::{RetiredGeneration, RotatingClient, RotatingClientLayer};
+use tower::{service_fn, Layer, ServiceExt};
+use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+
+use test_utils::RetireLog;
 
 /// One step of a scripted body.
 #[derive(Clone, Debug)]
@@ -129,22 +133,11 @@ impl Body for ScriptBody {
     }
 }
 
-/// Answers every request with the request's own body.
-#[derive(Clone, Debug)]
-struct Echo;
-
-impl Service<http::Request<ScriptBody>> for Echo {
-    type Response = http::Response<ScriptBody>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<ScriptBody>) -> Self::Future {
-        std::future::ready(Ok(http::Response::new(request.into_body())))
-    }
+/// The inner client: answers every request with the request's own body.
+fn echo(
+    request: http::Request<ScriptBody>,
+) -> std::future::Ready<Result<http::Response<ScriptBody>, Infallible>> {
+    std::future::ready(Ok(http::Response::new(request.into_body())))
 }
 
 /// A poll result in comparable form.
@@ -176,23 +169,17 @@ fn hint_of(body: &impl Body) -> (u64, Option<u64>) {
     (hint.lower(), hint.upper())
 }
 
-type Retired = Arc<Mutex<Vec<u64>>>;
-
-fn retired_ids(retired: &Retired) -> Vec<u64> {
-    retired.lock().expect("hook never panics").clone()
-}
-
 /// Whether generation 1 is held, as seen by the retire hook and `stats()`.
 /// Generation 2 is current and idle.
-fn check_lease(
-    client: &RotatingClient<Echo>,
-    retired: &Retired,
+fn check_lease<S: Clone + Send + Sync + 'static>(
+    client: &RotatingClient<S>,
+    retired: &RetireLog,
     held: bool,
     at: &str,
 ) -> Result<(), TestCaseError> {
     let expected: &[u64] = if held { &[] } else { &[1] };
     prop_assert_eq!(
-        retired_ids(retired),
+        retired.ids(),
         expected,
         "{}: retire hook calls (held: {})",
         at,
@@ -223,16 +210,10 @@ enum Release {
 /// Runs one script; returns what released the generation.
 async fn run(script: Script) -> Result<Release, TestCaseError> {
     let script = Arc::new(script);
-    let retired = Retired::default();
-    let hook = {
-        let retired = Arc::clone(&retired);
-        move |_client: Echo, generation: RetiredGeneration| {
-            retired.lock().expect("not poisoned").push(generation.id);
-        }
-    };
+    let retired = RetireLog::default();
     let client = RotatingClientLayer::new(Duration::from_secs(3600))
-        .on_retire(hook)
-        .layer(|| Echo);
+        .on_retire(retired.hook())
+        .layer(|| service_fn(echo));
     let response = client
         .clone()
         .oneshot(http::Request::new(ScriptBody::new(&script)))
@@ -303,10 +284,10 @@ async fn run(script: Script) -> Result<Release, TestCaseError> {
     let release = release.expect("released");
 
     drop(body);
-    prop_assert_eq!(retired_ids(&retired), [1], "dropping after release");
+    prop_assert_eq!(retired.ids(), [1], "dropping after release");
     drop(client);
     prop_assert_eq!(
-        retired_ids(&retired),
+        retired.ids(),
         [1, 2],
         "each generation retired exactly once"
     );

@@ -15,9 +15,11 @@ mod test_utils;
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::error::Error as _;
+use std::future::Future;
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,11 +35,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
 use tower::{Layer, Service, ServiceExt};
-use tower_rotating_client::{RetiredGeneration, RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{RotatingClient, RotatingClientLayer, Stats};
 
 use test_utils::{
     expected_body, read_at_least, stream_request, AbortOnDropClient, HttpVersion, LiveCounter,
-    StreamServer, XorShift, H_FAIL_AFTER,
+    RetireLog, StreamServer, XorShift, H_FAIL_AFTER,
 };
 
 /// Bound on every real-time test body, so that nothing hangs.
@@ -46,40 +48,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 // Support
 // ---------------------------------------------------------------------------
-
-/// Records every retirement the hook sees.
-#[derive(Clone, Default)]
-struct Retired(Arc<Mutex<Vec<RetiredGeneration>>>);
-
-impl Retired {
-    fn hook<S>(&self) -> impl Fn(S, RetiredGeneration) + Send + Sync + 'static {
-        let log = Arc::clone(&self.0);
-        move |client, generation| {
-            drop(client);
-            log.lock().expect("not poisoned").push(generation);
-        }
-    }
-
-    fn all(&self) -> Vec<RetiredGeneration> {
-        self.0.lock().expect("not poisoned").clone()
-    }
-
-    /// Asserts that `count` generations retired, each exactly once, each
-    /// drained (not forced, nothing in flight), and returns their ids.
-    fn assert_each_once(&self, count: u64) -> BTreeSet<u64> {
-        let all = self.all();
-        let ids: BTreeSet<u64> = all.iter().map(|generation| generation.id).collect();
-        assert_eq!(ids.len(), all.len(), "a generation retired twice: {all:?}");
-        assert_eq!(all.len() as u64, count, "retirements: {all:?}");
-        for generation in &all {
-            assert!(
-                !generation.forced && generation.in_flight_at_retire == 0,
-                "retired while in use: {generation:?}"
-            );
-        }
-        ids
-    }
-}
 
 /// Reads a body to its end, keeping the inner error type.
 async fn read_rest<B>(mut body: B) -> Result<Vec<u8>, B::Error>
@@ -236,6 +204,40 @@ fn on_thread_with_deadline<T: Send + 'static>(
     }
 }
 
+/// Awaits a real-time case, failing it if it outlasts [`DEADLINE`].
+async fn within_deadline<T>(case: impl Future<Output = T>) -> T {
+    timeout(DEADLINE, case).await.expect("within the deadline")
+}
+
+/// What the cases over [`AbortOnDropClient`]s share: an upstream, and a
+/// rotating client that speaks `version` to it, with its clients counted
+/// and its retirements recorded. The TTL is a minute: generations change
+/// only on `rotate()`.
+async fn loopback(
+    version: HttpVersion,
+) -> (
+    StreamServer,
+    RotatingClient<AbortOnDropClient>,
+    LiveCounter,
+    RetireLog,
+) {
+    let server = StreamServer::start().await;
+    let (addr, counter, retired) = (server.addr(), LiveCounter::new(), RetireLog::default());
+    let client = {
+        let counter = counter.clone();
+        RotatingClientLayer::new(Duration::from_secs(60))
+            .on_retire(retired.hook())
+            .layer(move || AbortOnDropClient::with_version(addr, counter.clone(), version))
+    };
+    (server, client, counter, retired)
+}
+
+/// The text of h2's error under `error`: h2 does not expose its
+/// `io::Error` as a source, so its text is all there is to check.
+fn h2_error_text(error: &hyper::Error) -> String {
+    error.source().map(ToString::to_string).unwrap_or_default()
+}
+
 // ---------------------------------------------------------------------------
 // Upstream faults (loopback, real time)
 // ---------------------------------------------------------------------------
@@ -244,12 +246,12 @@ fn on_thread_with_deadline<T: Send + 'static>(
 async fn a_killed_upstream_fails_its_streams_with_hypers_error_and_a_restarted_one_serves() {
     let server = StreamServer::start().await;
     let addr = server.addr();
-    let retired = Retired::default();
+    let retired = RetireLog::default();
     let client = RotatingClientLayer::new(Duration::from_millis(40))
         .on_retire(retired.hook())
         .layer(legacy_client);
 
-    timeout(DEADLINE, async {
+    within_deadline(async {
         // Six long streams spread over three generations, two of them
         // draining when the server dies.
         let mut bodies = Vec::new();
@@ -309,8 +311,7 @@ async fn a_killed_upstream_fails_its_streams_with_hypers_error_and_a_restarted_o
         }
         assert_eq!(server.total_requests(), 8, "the restarted server served");
     })
-    .await
-    .expect("within the deadline");
+    .await;
 
     let stats = client.stats();
     assert_eq!(stats.in_flight, 0, "{stats:?}");
@@ -329,18 +330,9 @@ async fn a_killed_upstream_fails_its_streams_with_hypers_error_and_a_restarted_o
 
 #[tokio::test]
 async fn killed_h2_connections_fail_their_streams_and_the_next_requests_reconnect() {
-    let server = StreamServer::start().await;
-    let addr = server.addr();
-    let counter = LiveCounter::new();
-    let retired = Retired::default();
-    let client = {
-        let counter = counter.clone();
-        RotatingClientLayer::new(Duration::from_secs(60))
-            .on_retire(retired.hook())
-            .layer(move || AbortOnDropClient::new_h2(addr, counter.clone()))
-    };
+    let (server, client, counter, retired) = loopback(HttpVersion::Http2).await;
 
-    timeout(DEADLINE, async {
+    within_deadline(async {
         // Two streams on each of two generations: two h2 connections.
         let mut bodies = Vec::new();
         for i in 0..4 {
@@ -362,9 +354,8 @@ async fn killed_h2_connections_fail_their_streams_and_the_next_requests_reconnec
         server.kill_connections();
         for body in bodies {
             let error: hyper::Error = read_rest(body).await.expect_err("killed");
-            // hyper's error over h2's, "stream closed because of a broken
-            // pipe" (h2 does not expose its io::Error as a source).
-            let h2 = error.source().map(ToString::to_string).unwrap_or_default();
+            // h2's "stream closed because of a broken pipe".
+            let h2 = h2_error_text(&error);
             assert!(
                 h2.contains("broken pipe") || h2.contains("reset"),
                 "the connection's error, as hyper reported it: {error:?}"
@@ -384,8 +375,7 @@ async fn killed_h2_connections_fail_their_streams_and_the_next_requests_reconnec
         }
         assert_eq!(server.total_connections(), 3, "one new connection");
     })
-    .await
-    .expect("within the deadline");
+    .await;
     assert_eq!(client.stats().current_generation, 2);
     drop(client);
     retired.assert_each_once(2);
@@ -396,7 +386,7 @@ async fn killed_h2_connections_fail_their_streams_and_the_next_requests_reconnec
 /// Accepts one connection, reads the request head, sends a head announcing
 /// 1000 bytes and 100 of them, then resets the connection (`SO_LINGER` 0)
 /// when told to.
-async fn resetting_server() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+async fn resetting_server() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local_addr");
     let (reset, reset_now) = tokio::sync::oneshot::channel::<()>();
@@ -425,12 +415,12 @@ async fn resetting_server() -> (std::net::SocketAddr, tokio::sync::oneshot::Send
 #[tokio::test]
 async fn a_connection_reset_mid_body_reaches_the_caller_as_the_inner_io_error() {
     let (addr, reset) = resetting_server().await;
-    let retired = Retired::default();
+    let retired = RetireLog::default();
     let client = RotatingClientLayer::new(Duration::from_secs(60))
         .on_retire(retired.hook())
         .layer(legacy_client);
 
-    timeout(DEADLINE, async {
+    within_deadline(async {
         let uri: http::Uri = format!("http://{addr}/").parse().expect("a uri");
         let request = Request::get(uri).body(Empty::new()).expect("a request");
         let response = client.clone().oneshot(request).await.expect("a head");
@@ -454,26 +444,16 @@ async fn a_connection_reset_mid_body_reaches_the_caller_as_the_inner_io_error() 
         // The error ended the stream, and released the generation with it.
         assert_eq!(retired.assert_each_once(1), BTreeSet::from([1]));
     })
-    .await
-    .expect("within the deadline");
+    .await;
     assert_eq!(client.stats().in_flight, 0);
     report("connection reset", 1, 1, "1 RST mid-body");
 }
 
 #[tokio::test]
 async fn an_h2_stream_reset_by_the_server_fails_only_that_stream() {
-    let server = StreamServer::start().await;
-    let addr = server.addr();
-    let counter = LiveCounter::new();
-    let retired = Retired::default();
-    let client = {
-        let counter = counter.clone();
-        RotatingClientLayer::new(Duration::from_secs(60))
-            .on_retire(retired.hook())
-            .layer(move || AbortOnDropClient::new_h2(addr, counter.clone()))
-    };
+    let (server, client, counter, retired) = loopback(HttpVersion::Http2).await;
 
-    timeout(DEADLINE, async {
+    within_deadline(async {
         let mut failing = stream_request(server.uri("/"), 10, 5, 64);
         failing.headers_mut().insert(H_FAIL_AFTER, 3.into());
         let response = client.clone().oneshot(failing).await.expect("a head");
@@ -489,7 +469,7 @@ async fn an_h2_stream_reset_by_the_server_fails_only_that_stream() {
         assert_eq!(received, expected_body(3, 64));
         let error: hyper::Error = read_rest(body).await.expect_err("RST_STREAM");
         // h2's RST_STREAM (INTERNAL_ERROR) under hyper's error, untouched.
-        let h2 = error.source().map(ToString::to_string).unwrap_or_default();
+        let h2 = h2_error_text(&error);
         assert!(
             h2.contains("stream error received"),
             "h2's reset under hyper: {error:?}"
@@ -503,8 +483,7 @@ async fn an_h2_stream_reset_by_the_server_fails_only_that_stream() {
         );
         assert_eq!(retired.assert_each_once(1), BTreeSet::from([1]));
     })
-    .await
-    .expect("within the deadline");
+    .await;
     assert_eq!(
         server.total_connections(),
         1,
@@ -612,10 +591,18 @@ async fn an_async_factory_slower_than_the_ttl_rotates_at_build_pace() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_hanging_factory_is_cut_by_build_timeout_and_the_current_generation_serves_on() {
-    let calls = Calls::default();
-    let alive = Alive::default();
+/// A client (TTL 100 ms, no jitter) whose async factory never finishes the
+/// builds that `hangs` picks (build 1 must finish): each such build gives up
+/// after `build_timeout`, and the next one starts `backoff` later. The
+/// factory counts its calls in `calls`, and its build futures that are not
+/// dropped yet in `alive`.
+async fn hanging_builds(
+    hangs: fn(u64) -> bool,
+    build_timeout: Duration,
+    backoff: Duration,
+    calls: &Calls,
+    alive: &Alive,
+) -> RotatingClient<Mem> {
     let factory = {
         let (calls, alive) = (calls.clone(), alive.clone());
         move || {
@@ -623,20 +610,33 @@ async fn a_hanging_factory_is_cut_by_build_timeout_and_the_current_generation_se
             let guard = alive.guard();
             async move {
                 let _guard = guard;
-                if build > 1 {
+                if hangs(build) {
                     std::future::pending::<()>().await;
                 }
                 Ok::<_, Infallible>(Mem { build })
             }
         }
     };
-    let client = RotatingClientLayer::new(Duration::from_millis(100))
+    RotatingClientLayer::new(Duration::from_millis(100))
         .jitter(0.0)
-        .build_timeout(Duration::from_millis(50))
-        .build_backoff(Duration::from_millis(20), Duration::from_millis(20))
+        .build_timeout(build_timeout)
+        .build_backoff(backoff, backoff)
         .layer_async(factory)
         .await
-        .expect("infallible");
+        .expect("infallible")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_factory_is_cut_by_build_timeout_and_the_current_generation_serves_on() {
+    let (calls, alive) = (Calls::default(), Alive::default());
+    let client = hanging_builds(
+        |build| build > 1,
+        Duration::from_millis(50),
+        Duration::from_millis(20),
+        &calls,
+        &alive,
+    )
+    .await;
 
     let served = serve_for(&client, Duration::from_secs(2), Duration::from_millis(10)).await;
     assert!(served.iter().all(|&b| b == 1), "build 1 serves throughout");
@@ -665,29 +665,15 @@ async fn a_hanging_factory_is_cut_by_build_timeout_and_the_current_generation_se
 
 #[tokio::test(start_paused = true)]
 async fn a_factory_that_hangs_only_sometimes_keeps_rotating() {
-    let calls = Calls::default();
-    let alive = Alive::default();
-    let factory = {
-        let (calls, alive) = (calls.clone(), alive.clone());
-        move || {
-            let build = calls.next();
-            let guard = alive.guard();
-            async move {
-                let _guard = guard;
-                if build % 2 == 0 {
-                    std::future::pending::<()>().await;
-                }
-                Ok::<_, Infallible>(Mem { build })
-            }
-        }
-    };
-    let client = RotatingClientLayer::new(Duration::from_millis(100))
-        .jitter(0.0)
-        .build_timeout(Duration::from_millis(30))
-        .build_backoff(Duration::from_millis(10), Duration::from_millis(10))
-        .layer_async(factory)
-        .await
-        .expect("infallible");
+    let (calls, alive) = (Calls::default(), Alive::default());
+    let client = hanging_builds(
+        |build| build % 2 == 0,
+        Duration::from_millis(30),
+        Duration::from_millis(10),
+        &calls,
+        &alive,
+    )
+    .await;
 
     let served = serve_for(&client, Duration::from_secs(2), Duration::from_millis(10)).await;
     let stats = client.stats();
@@ -715,10 +701,20 @@ async fn a_factory_that_hangs_only_sometimes_keeps_rotating() {
     );
 }
 
+/// What the panicking-factory cases check: builds 2 and 3 (the panicking
+/// ones) failed, rotation resumed after them, and neither ever served.
+fn assert_builds_2_and_3_failed(stats: &Stats, served: &[u64]) {
+    assert_eq!(stats.failed_builds, 2, "{stats:?}");
+    assert!(stats.rotations >= 5, "rotation resumed: {stats:?}");
+    let builds: BTreeSet<u64> = served.iter().copied().collect();
+    assert!(!builds.contains(&2) && !builds.contains(&3));
+    assert!(builds.contains(&4), "the first good build took over");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_sync_factory_never_reaches_a_request() {
     let calls = Calls::default();
-    let retired = Retired::default();
+    let retired = RetireLog::default();
     let factory = {
         let calls = calls.clone();
         move || {
@@ -737,11 +733,7 @@ async fn a_panicking_sync_factory_never_reaches_a_request() {
 
     let served = serve_for(&client, Duration::from_secs(1), Duration::from_millis(10)).await;
     let stats = client.stats();
-    assert_eq!(stats.failed_builds, 2, "{stats:?}");
-    assert!(stats.rotations >= 5, "rotation resumed: {stats:?}");
-    let builds: BTreeSet<u64> = served.iter().copied().collect();
-    assert!(!builds.contains(&2) && !builds.contains(&3));
-    assert!(builds.contains(&4), "the first good build took over");
+    assert_builds_2_and_3_failed(&stats, &served);
     retired.assert_each_once(stats.rotations);
     report(
         "sync factory panics",
@@ -775,11 +767,7 @@ async fn a_panicking_async_factory_never_reaches_a_request() {
 
     let served = serve_for(&client, Duration::from_secs(1), Duration::from_millis(10)).await;
     let stats = client.stats();
-    assert_eq!(stats.failed_builds, 2, "{stats:?}");
-    assert!(stats.rotations >= 5, "rotation resumed: {stats:?}");
-    let builds: BTreeSet<u64> = served.iter().copied().collect();
-    assert!(!builds.contains(&2) && !builds.contains(&3));
-    assert!(builds.contains(&4), "the first good build took over");
+    assert_builds_2_and_3_failed(&stats, &served);
     report(
         "async factory panics",
         served.len() as u64,
@@ -857,21 +845,12 @@ async fn cancellation_under_load(version: HttpVersion) {
     const WORKERS: u64 = 8;
     const REQUESTS: usize = 40;
     const ROTATE_CALLS: u64 = 30;
-    let server = StreamServer::start().await;
-    let addr = server.addr();
-    let counter = LiveCounter::new();
-    let retired = Retired::default();
-    let client = {
-        let counter = counter.clone();
-        // Rotations come from `rotate()` only, so that they are over (and
-        // the figures below settled) once the rotator is done; timed ones
-        // race with requests in the other cases and in the soak.
-        RotatingClientLayer::new(Duration::from_secs(60))
-            .on_retire(retired.hook())
-            .layer(move || AbortOnDropClient::with_version(addr, counter.clone(), version))
-    };
+    // Rotations come from `rotate()` only, so that they are over (and the
+    // figures below settled) once the rotator is done; timed ones race with
+    // requests in the other cases and in the soak.
+    let (server, client, counter, retired) = loopback(version).await;
 
-    let tally = timeout(DEADLINE, async {
+    let tally = within_deadline(async {
         let mut workers = JoinSet::new();
         for seed in 1..=WORKERS {
             workers.spawn(cancelling_worker(
@@ -900,8 +879,7 @@ async fn cancellation_under_load(version: HttpVersion) {
         rotator.await.expect("no panic");
         total
     })
-    .await
-    .expect("within the deadline");
+    .await;
     let requests = WORKERS * REQUESTS as u64;
     assert_eq!(tally.total(), requests);
     assert!(tally.whole > 0 && tally.futures_dropped > 0 && tally.bodies_dropped > 0);
@@ -955,17 +933,8 @@ fn shut_down_with_streams_in_flight(
     runtime: tokio::runtime::Runtime,
     shutdown: impl FnOnce(tokio::runtime::Runtime),
 ) {
-    let counter = LiveCounter::new();
-    let retired = Retired::default();
-    let (server, client) = runtime.block_on(async {
-        let server = StreamServer::start().await;
-        let addr = server.addr();
-        let client = {
-            let counter = counter.clone();
-            RotatingClientLayer::new(Duration::from_secs(60))
-                .on_retire(retired.hook())
-                .layer(move || AbortOnDropClient::new(addr, counter.clone()))
-        };
+    let (server, client, counter, retired) = runtime.block_on(async {
+        let (server, client, counter, retired) = loopback(HttpVersion::Http1).await;
         let (started, mut all_started) = tokio::sync::mpsc::channel(6);
         for i in 0..6 {
             if i % 2 == 0 && i > 0 {
@@ -983,7 +952,7 @@ fn shut_down_with_streams_in_flight(
             });
             all_started.recv().await.expect("stream started");
         }
-        (server, client)
+        (server, client, counter, retired)
     });
     let stats = client.stats();
     assert_eq!(stats.in_flight, 6, "{stats:?}");

@@ -7,7 +7,6 @@
 
 mod test_utils;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,63 +15,40 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use test_utils::*;
-use tokio::time::timeout;
 use tower_layer::Layer;
-use tower_rotating_client::{RetiredGeneration, RotatingClientLayer};
+use tower_rotating_client::RotatingClientLayer;
 
 type Legacy = Client<HttpConnector, Empty<Bytes>>;
 
+/// Each [`long_streams`] stream outlives about ten generations.
 const TTL: Duration = Duration::from_millis(30);
 const STREAMS: usize = 120;
 const CONCURRENCY: usize = 20;
-/// 30 chunks 10 ms apart: each stream outlives about ten rotations.
-const CHUNKS: usize = 30;
-const CHUNK_DELAY_MS: u64 = 10;
-const CHUNK_SIZE: usize = 64;
 const MIN_ROTATIONS: u64 = 10;
-/// Bounds one stream, and every wait for a count to settle.
+/// Bounds every wait for a count to settle.
 const LIMIT: Duration = Duration::from_secs(10);
-const LOAD_LIMIT: Duration = Duration::from_secs(40);
 
 async fn legacy_client_rotates(http2_only: bool) {
     let server = StreamServer::start().await;
-    let retired: Arc<Mutex<Vec<RetiredGeneration>>> = Arc::default();
+    // The hook drops each retired client, hence its pool, and the pool's
+    // idle connections with it.
+    let retired = RetireLog::default();
     let rotating = RotatingClientLayer::new(TTL)
-        .on_retire({
-            let retired = Arc::clone(&retired);
-            move |client: Legacy, generation: RetiredGeneration| {
-                retired.lock().expect("retired lock").push(generation);
-                // Dropping the client drops its pool, and the pool's idle
-                // connections with it.
-                drop(client);
-            }
-        })
-        .layer(move || {
+        .on_retire(retired.hook())
+        .layer(move || -> Legacy {
             Client::builder(TokioExecutor::new())
                 .http2_only(http2_only)
                 .build_http()
         });
 
-    let uri = server.uri("/stream");
-    let outcome = timeout(
-        LOAD_LIMIT,
-        run_streams(
-            rotating.clone(),
-            STREAMS,
-            CONCURRENCY,
-            LIMIT,
-            move |_| stream_request(uri.clone(), CHUNKS, CHUNK_DELAY_MS, CHUNK_SIZE),
-            expected_body(CHUNKS, CHUNK_SIZE),
-        ),
+    long_streams(
+        rotating.clone(),
+        server.uri("/stream"),
+        STREAMS,
+        CONCURRENCY,
     )
     .await
-    .expect("the load finished in time");
-    assert_eq!(
-        outcome.broken,
-        Vec::<String>::new(),
-        "http2_only={http2_only}: no stream may be cut by a rotation"
-    );
-    assert_eq!(outcome.complete, STREAMS);
+    .assert_none_cut(STREAMS, &format!("http2_only={http2_only}"));
     let rotations = rotating.stats().rotations;
     assert!(
         rotations >= MIN_ROTATIONS,
@@ -86,39 +62,30 @@ async fn legacy_client_rotates(http2_only: bool) {
         LIMIT,
         || {
             let stats = rotating.stats();
-            let mut ids: Vec<u64> = retired
-                .lock()
-                .expect("retired lock")
-                .iter()
-                .map(|g| g.id)
-                .collect();
-            ids.sort_unstable();
             stats.live_generations == 1
                 && stats.in_flight == 0
-                && ids == (1..stats.current_generation).collect::<Vec<_>>()
+                && retired.is_all_before(stats.current_generation)
         },
     )
     .await;
-    {
-        let retired = retired.lock().expect("retired lock");
-        assert!(
-            retired
-                .iter()
-                .all(|g| !g.forced && g.in_flight_at_retire == 0),
-            "no generation is retired with responses open"
-        );
-        // Each generation that served requests dialled its own connections.
-        let served = retired.iter().filter(|g| g.requests > 0).count();
-        assert!(
-            served >= 2,
-            "http2_only={http2_only}: traffic should span generations, only {served} served"
-        );
-        assert!(
-            server.total_connections() >= served,
-            "http2_only={http2_only}: {} connections for {served} generations",
-            server.total_connections()
-        );
-    }
+    let retirements = retired.all();
+    assert!(
+        retirements
+            .iter()
+            .all(|g| !g.forced && g.in_flight_at_retire == 0),
+        "no generation is retired with responses open"
+    );
+    // Each generation that served requests dialled its own connections.
+    let served = retirements.iter().filter(|g| g.requests > 0).count();
+    assert!(
+        served >= 2,
+        "http2_only={http2_only}: traffic should span generations, only {served} served"
+    );
+    assert!(
+        server.total_connections() >= served,
+        "http2_only={http2_only}: {} connections for {served} generations",
+        server.total_connections()
+    );
 
     // Retire whatever generation served the last requests. A new one has
     // not connected yet, so every open connection would belong to a retired

@@ -55,6 +55,19 @@ async fn check(health: &mut Health, service: &str) -> Result<PbStatus, tonic::St
     Ok(response.into_inner().status())
 }
 
+/// A rotating client whose async factory dials `endpoint` eagerly
+/// (`Endpoint::connect`) for every generation, the first one included.
+async fn connecting(
+    endpoint: Endpoint,
+) -> Result<RotatingClient<Channel>, tonic::transport::Error> {
+    RotatingClientLayer::new(TTL)
+        .layer_async(move || {
+            let endpoint = endpoint.clone();
+            async move { endpoint.connect().await }
+        })
+        .await
+}
+
 /// Waits until the client has rotated at least once more.
 async fn next_rotation(rotating: &RotatingClient<Channel>) {
     let before = rotating.stats().rotations;
@@ -187,16 +200,10 @@ async fn watch_and_check_across_rotations() {
 async fn async_factory_connects_before_each_swap() {
     let server = HealthServer::start().await;
     let endpoint = Endpoint::from_shared(server.endpoint_uri()).expect("endpoint uri");
-    let rotating = timeout(
-        LIMIT,
-        RotatingClientLayer::new(TTL).layer_async(move || {
-            let endpoint = endpoint.clone();
-            async move { endpoint.connect().await }
-        }),
-    )
-    .await
-    .expect("first connect in time")
-    .expect("first connect");
+    let rotating = timeout(LIMIT, connecting(endpoint))
+        .await
+        .expect("first connect in time")
+        .expect("first connect");
     // `connect` dialled before the layer returned.
     wait_until("the first connection is accepted", LIMIT, || {
         server.total_connections() == 1
@@ -233,15 +240,9 @@ async fn async_factory_returns_the_first_connect_error() {
         .expect("bind 127.0.0.1:0");
     let endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("endpoint uri");
 
-    let result = timeout(
-        LIMIT,
-        RotatingClientLayer::new(TTL).layer_async(move || {
-            let endpoint = endpoint.clone();
-            async move { endpoint.connect().await }
-        }),
-    )
-    .await
-    .expect("connect failed in time");
+    let result = timeout(LIMIT, connecting(endpoint))
+        .await
+        .expect("connect failed in time");
     // The factory's own error type, unchanged.
     let error: tonic::transport::Error = result.expect_err("nothing listens there");
     let mut source = error.source();

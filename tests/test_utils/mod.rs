@@ -18,6 +18,9 @@
 //! * [`StreamServer::start_on`]: restart a server on the address of one
 //!   that was shut down.
 //! * [`XorShift`]: a tiny deterministic PRNG for reproducible load.
+//! * [`wait_until`], [`run_streams`], and [`long_streams`], the load of the
+//!   rotation-under-load tests, checked with [`StreamsOutcome::assert_none_cut`].
+//! * [`RetireLog`]: an `on_retire` hook that records every retirement.
 //!
 //! # tonic 0.14 API notes (checked against tonic 0.14.9 / tonic-health 0.14.9)
 //!
@@ -104,6 +107,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -121,6 +125,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use tower_rotating_client::RetiredGeneration;
 
 /// Boxed error used by the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -341,6 +346,13 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Binds `127.0.0.1:0`.
+async fn bind_loopback() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0")
+}
+
 /// Accept loop + per-connection tasks shared by [`StreamServer`] and [`HealthServer`].
 struct ServerCore {
     addr: SocketAddr,
@@ -351,25 +363,7 @@ struct ServerCore {
 }
 
 impl ServerCore {
-    async fn start<S, B>(svc: S, stats: Arc<ConnStats>) -> Self
-    where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        Self::serve(listener, svc, stats)
-    }
-
-    /// Like [`ServerCore::start`], on a listener bound by the caller.
+    /// Serves `svc` on `listener`, counting connections in `stats`.
     fn serve<S, B>(listener: TcpListener, svc: S, stats: Arc<ConnStats>) -> Self
     where
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
@@ -466,10 +460,7 @@ pub struct StreamServer {
 impl StreamServer {
     /// Binds `127.0.0.1:0` and spawns the server on the current runtime.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        Self::on_listener(listener)
+        Self::on_listener(bind_loopback().await)
     }
 
     /// Binds `addr` (typically the address of a server that was shut down,
@@ -945,7 +936,7 @@ impl HealthServer {
         let stats = Arc::new(ConnStats::default());
         let svc = hyper_util::service::TowerToHyperService::new(service);
         HealthServer {
-            core: ServerCore::start(svc, stats).await,
+            core: ServerCore::serve(bind_loopback().await, svc, stats),
             reporter,
         }
     }
@@ -1052,6 +1043,19 @@ pub struct StreamsOutcome {
     pub broken: Vec<String>,
 }
 
+impl StreamsOutcome {
+    /// Asserts that all `total` streams arrived whole: none was cut by a
+    /// rotation. `context` starts each message.
+    pub fn assert_none_cut(&self, total: usize, context: &str) {
+        assert_eq!(
+            self.broken,
+            Vec::<String>::new(),
+            "{context}: no stream may be cut by a rotation"
+        );
+        assert_eq!(self.complete, total, "{context}: every stream complete");
+    }
+}
+
 /// Sends `total` requests made by `make_request(i)` through clones of
 /// `svc`, `concurrency` at a time (one task per worker, each with its own
 /// clone), reads every body to its end and compares it with `expected`.
@@ -1122,4 +1126,106 @@ where
         outcome.broken.extend(part.broken);
     }
     outcome
+}
+
+/// Bounds one stream of [`long_streams`].
+pub const STREAM_LIMIT: Duration = Duration::from_secs(10);
+/// Bounds a whole [`long_streams`] load.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(40);
+
+/// The load of the rotation-under-load tests: `total` streams from `uri`
+/// (a [`StreamServer`]'s), each of the default shape ([`DEFAULT_CHUNKS`]
+/// chunks [`DEFAULT_CHUNK_DELAY_MS`] apart: about 300 ms), sent through
+/// `svc` `concurrency` at a time by [`run_streams`].
+///
+/// Each stream is bounded by [`STREAM_LIMIT`]; panics if the whole load
+/// takes longer than [`LOAD_LIMIT`].
+pub async fn long_streams<S, B>(
+    svc: S,
+    uri: Uri,
+    total: usize,
+    concurrency: usize,
+) -> StreamsOutcome
+where
+    S: tower::Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let load = run_streams(
+        svc,
+        total,
+        concurrency,
+        STREAM_LIMIT,
+        move |_| {
+            stream_request(
+                uri.clone(),
+                DEFAULT_CHUNKS,
+                DEFAULT_CHUNK_DELAY_MS,
+                DEFAULT_CHUNK_SIZE,
+            )
+        },
+        expected_body(DEFAULT_CHUNKS, DEFAULT_CHUNK_SIZE),
+    );
+    tokio::time::timeout(LOAD_LIMIT, load)
+        .await
+        .expect("the load finished in time")
+}
+
+// ---------------------------------------------------------------------------
+// Retirements
+// ---------------------------------------------------------------------------
+
+/// Records every retirement that a rotating client's retire hook sees
+/// (see [`RetireLog::hook`]). Clones share the record.
+#[derive(Clone, Default)]
+pub struct RetireLog(Arc<Mutex<Vec<RetiredGeneration>>>);
+
+impl RetireLog {
+    /// A hook for `RotatingClientLayer::on_retire`: drops the retired client
+    /// at once (a pooled client closes its idle connections with it) and
+    /// records the generation.
+    pub fn hook<S>(&self) -> impl Fn(S, RetiredGeneration) + Send + Sync + 'static {
+        let log = Arc::clone(&self.0);
+        move |client, generation| {
+            drop(client);
+            log.lock().expect("not poisoned").push(generation);
+        }
+    }
+
+    /// Every retirement so far, in the order they happened.
+    pub fn all(&self) -> Vec<RetiredGeneration> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+
+    /// The ids of the retired generations, in the order they retired.
+    pub fn ids(&self) -> Vec<u64> {
+        self.all().iter().map(|generation| generation.id).collect()
+    }
+
+    /// Whether exactly the generations before `current` (`1..current`)
+    /// retired, each once, in any order.
+    pub fn is_all_before(&self, current: u64) -> bool {
+        let mut ids = self.ids();
+        ids.sort_unstable();
+        ids == (1..current).collect::<Vec<_>>()
+    }
+
+    /// Asserts that `count` generations retired, each exactly once, each
+    /// drained (not forced, nothing in flight), and returns their ids.
+    pub fn assert_each_once(&self, count: u64) -> BTreeSet<u64> {
+        let all = self.all();
+        let ids: BTreeSet<u64> = all.iter().map(|generation| generation.id).collect();
+        assert_eq!(ids.len(), all.len(), "a generation retired twice: {all:?}");
+        assert_eq!(all.len() as u64, count, "retirements: {all:?}");
+        for generation in &all {
+            assert!(
+                !generation.forced && generation.in_flight_at_retire == 0,
+                "retired while in use: {generation:?}"
+            );
+        }
+        ids
+    }
 }
