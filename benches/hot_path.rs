@@ -15,9 +15,8 @@
 //!   work per request (reserve the current generation in `poll_ready`,
 //!   reuse a cached clone of its client, count the request, keep the
 //!   generation alive until the body is drained): a `RwLock<Arc<_>>`, a
-//!   `Mutex<Arc<_>>` and arc-swap's `load_full()`, plus `weak_upgrade`, a
-//!   design with fewer atomic read-modify-writes per request (see
-//!   `WeakClient`).
+//!   `Mutex<Arc<_>>` and arc-swap's `load_full()`, plus `weak_upgrade`, the
+//!   layer's own fast path stripped of its features (see `WeakClient`).
 //!
 //! Group `single_thread` runs one handle; group `two_threads` runs two
 //! threads, each with its own handle on one shared service, and reports wall
@@ -276,13 +275,16 @@ where
     }
 }
 
-/// The design proposed for the layer: the current generation's id in a
-/// plain atomic, and in each handle a `Weak` to the generation it last used.
-/// A request is one load of the id, one `Weak::upgrade` (a compare-exchange
-/// on the strong count) and, when the body ends, one decrement: two
-/// read-modify-writes instead of arc-swap's four (debt slot, pay, increment,
-/// decrement). An idle handle's `Weak` keeps the generation's memory but not
-/// its client, so idle handles still pin nothing.
+/// The layer's own fast path in its minimal form: the current generation's
+/// id in a plain atomic, and in each handle a `Weak` to the generation it
+/// last used. A request is one load of the id, one `Weak::upgrade` (a
+/// compare-exchange on the strong count), the served count and, when the
+/// body ends, one decrement: three read-modify-writes instead of arc-swap's
+/// five (debt slot, pay, increment, count, decrement). An idle handle's
+/// `Weak` keeps the generation's memory but not its client, so idle handles
+/// still pin nothing. What it leaves out of `RotatingClient`: the
+/// type-erased lease, the request cap, the outcome hooks' flag and the
+/// lazy start of the rotation timer.
 struct WeakShared<S> {
     current_id: AtomicU64,
     /// For the slow path (a new generation), and for swaps.
