@@ -301,8 +301,7 @@ pub(crate) struct Generation<S: 'static> {
     /// The template that handles clone their client from. Emptied only by
     /// `force_retire` and by the final retirement.
     client: SwapOption<S>,
-    /// Requests served. One relaxed add per call, on the cache line the
-    /// reservation already wrote.
+    /// Requests served: one relaxed add per call.
     served: AtomicU64,
     /// `max_requests_per_generation`, or `u64::MAX`.
     request_cap: u64,
@@ -455,11 +454,9 @@ impl<S: Send + Sync + 'static> Leased for Generation<S> {
         self.id
     }
 
-    #[inline]
+    // Called only when `observes_responses` is set: `ResponseFuture` checks
+    // the flag it copied at `call`.
     fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
-        if !self.observes_responses {
-            return None;
-        }
         self.observe(&CallOutcome::Response { status, headers });
         self.core
             .triggers
@@ -467,11 +464,8 @@ impl<S: Send + Sync + 'static> Leased for Generation<S> {
             .then_some(GenerationId(self.id))
     }
 
-    #[inline]
     fn on_error(&self, error: &dyn Any) {
-        if self.observes_responses {
-            self.observe(&CallOutcome::Error(error));
-        }
+        self.observe(&CallOutcome::Error(error));
     }
 }
 

@@ -195,8 +195,8 @@ where
         factory: Factory<S>,
         first: S,
     ) -> Self {
-        // The first lifetime is jittered like every other: replicas started
-        // by one deploy drift apart from their first rotation on.
+        // The first lifetime is jittered like every other, or spread over
+        // the whole TTL with `stagger_first_rotation`.
         let lifetime = if config.stagger_first {
             // Uniform in (0, ttl]: the phase of this instance's rotations.
             driver::lifetime(config.ttl, 1.0, driver::Rng::new().next_f64())
