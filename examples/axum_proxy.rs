@@ -28,7 +28,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_rotating_client::{RetiredGeneration, RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{GenerationStats, RotatingClient, RotatingClientLayer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Upstream = Client<HttpConnector, Body>;
@@ -68,7 +68,7 @@ async fn run() -> Result<(), BoxError> {
     let client = ServiceBuilder::new()
         .layer(
             RotatingClientLayer::new(Duration::from_millis(400)).on_retire(
-                move |_client: Upstream, generation: RetiredGeneration| {
+                move |_client: Upstream, generation: GenerationStats| {
                     println!(
                         "{:>5} ms  generation {} retired after serving {} request(s)",
                         start.elapsed().as_millis(),
@@ -117,7 +117,7 @@ async fn run() -> Result<(), BoxError> {
     let stats = client.stats();
     println!(
         "proxy client: generation {} current, {} rotations, {} live, {} in flight",
-        stats.current_generation, stats.rotations, stats.live_generations, stats.in_flight
+        stats.current_generation, stats.rotations, stats.live_generations(), stats.in_flight()
     );
     Ok(())
 }

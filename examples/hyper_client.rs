@@ -19,7 +19,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_rotating_client::{RetiredGeneration, RotatingClientLayer, Stats};
+use tower_rotating_client::{GenerationStats, RotatingClientLayer, Stats};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
@@ -37,10 +37,10 @@ async fn run() -> Result<(), BoxError> {
     let client = ServiceBuilder::new()
         .layer(
             RotatingClientLayer::new(Duration::from_secs(15 * 60)).on_retire(
-                |_client: HttpClient, generation: RetiredGeneration| {
+                |_client: HttpClient, generation: GenerationStats| {
                     println!(
                         "generation {} retired: served {} request(s), drained in {:?}",
-                        generation.id, generation.requests, generation.drained_in
+                        generation.id, generation.requests, generation.draining_for.unwrap_or_default()
                     );
                 },
             ),
@@ -89,7 +89,7 @@ async fn run() -> Result<(), BoxError> {
 fn print_stats(when: &str, stats: &Stats) {
     println!(
         "  stats {when}: current {}, live {}, in flight {}, rotations {}",
-        stats.current_generation, stats.live_generations, stats.in_flight, stats.rotations
+        stats.current_generation, stats.live_generations(), stats.in_flight(), stats.rotations
     );
     for g in &stats.generations {
         println!(

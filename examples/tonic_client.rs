@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::ServingStatus;
-use tower_rotating_client::{RetiredGeneration, RotatingClientLayer};
+use tower_rotating_client::{GenerationStats, RotatingClientLayer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,7 +45,7 @@ async fn run() -> Result<(), BoxError> {
     // Each generation is a channel connected before it becomes current; the
     // first connect error would be returned right here.
     let channel = RotatingClientLayer::new(Duration::from_millis(300))
-        .on_retire(|_channel: Channel, generation: RetiredGeneration| {
+        .on_retire(|_channel: Channel, generation: GenerationStats| {
             println!(
                 "channel {} retired after {:?}, {} call(s)",
                 generation.id, generation.age, generation.requests
@@ -84,7 +84,7 @@ async fn run() -> Result<(), BoxError> {
             watched.as_str_name(),
             checked.as_str_name(),
             stats.current_generation,
-            stats.live_generations,
+            stats.live_generations(),
         );
     }
 
@@ -92,12 +92,12 @@ async fn run() -> Result<(), BoxError> {
     println!(
         "{} rotations; the watch stream still holds channel {}",
         stats.rotations,
-        stats.generations.first().map_or(0, |g| g.id)
+        stats.generations.first().map_or(0, |g| g.id.0)
     );
     drop(watch);
     println!(
         "watch dropped; {} live channel(s)",
-        channel.stats().live_generations
+        channel.stats().live_generations()
     );
     Ok(())
 }

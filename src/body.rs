@@ -8,7 +8,7 @@ use std::task::{ready, Context, Poll};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::generation::Lease;
+use crate::lease::Lease;
 
 pin_project! {
     /// Response body of [`RotatingClient`](crate::RotatingClient).
@@ -101,7 +101,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::ResponseBody;
-    use crate::generation::{Lease, Leased};
+    use crate::lease::{Lease, Leased};
     use crate::testing::{BodyError, ScriptBody, Step};
 
     /// Stands in for a generation: its strong count tells whether a lease
@@ -116,7 +116,7 @@ mod tests {
 
     fn leased(inner: ScriptBody) -> (Arc<Probe>, ResponseBody<ScriptBody>) {
         let probe = Arc::new(Probe);
-        let lease = Lease::from_arc(Arc::clone(&probe) as Arc<dyn Leased>);
+        let lease = Lease::new(Arc::clone(&probe));
         (probe, ResponseBody::new(inner, Some(lease)))
     }
 

@@ -1,11 +1,14 @@
-//! The error of a failed build.
+//! The error of a failed build, and the boxed error factories' errors
+//! become.
 
 use std::any::Any;
 use std::error::Error;
 use std::fmt;
 use std::time::Duration;
 
-use crate::BoxError;
+/// A boxed error: what an async or fallible factory's error is turned into,
+/// and what [`RotateError::into_factory_error`] gives back.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why building a new generation failed.
 ///

@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
-use crate::generation::Lease;
+use crate::lease::Lease;
 
 pin_project! {
     /// Response future of [`RotatingClient`](crate::RotatingClient).
@@ -73,8 +73,11 @@ where
 {
     match result {
         Ok(mut response) => {
-            if let Some(lease) = &lease {
-                lease.on_response(&mut response);
+            if let Some(id) = lease
+                .as_ref()
+                .and_then(|lease| lease.on_response(response.status(), response.headers()))
+            {
+                response.extensions_mut().insert(id);
             }
             Ok(response.map(|body| ResponseBody::new(body, lease)))
         }

@@ -1,66 +1,73 @@
-//! Generation state: one built client and the bookkeeping that decides
-//! when it is retired.
+//! Generation state: the current slot, each built client with its
+//! bookkeeping, and retirement.
 //!
 //! A [`Generation`] lives in an `Arc`. The strong references to it are
 //! exactly the things that keep it alive:
 //!
-//! - the `current` slot of the service, while it is the current generation;
+//! - the `current` slot, while it is the current generation;
 //! - a handle between a Ready `poll_ready` and its `call` (a reservation);
 //! - every response future and response body that came from it (a
-//!   [`Lease`]).
+//!   [`Lease`](crate::lease::Lease));
+//! - for a moment, whoever is reading it: the background task, `stats()`,
+//!   a drain timer.
 //!
-//! Idle handles hold no strong reference. When the last strong reference
-//! goes, `Drop` retires the generation: the client is handed to the retire
-//! hook (or dropped), the live count goes down, and anybody waiting for room
-//! under `max_live_generations` is woken. `Drop` runs exactly once, so every
-//! generation is retired exactly once, and never while a response that came
-//! from it is still alive.
+//! Idle handles hold only a `Weak`. When the last strong reference goes,
+//! `Drop` retires the generation: the client is handed to the retire hook
+//! (or dropped), the live count goes down, and anybody waiting for room
+//! under `max_live_generations` is woken. `Drop` runs once, so no
+//! generation is retired twice, and never while a response that came from
+//! it is still alive.
 //!
 //! The one exception is `drain_timeout`: [`Generation::force_retire`] lets
-//! go of the template client early. The `retired` flag makes sure that the
-//! later `Drop` does not retire it a second time.
+//! go of the template client early, without the hook. The `retired` flag
+//! makes sure that the later `Drop` does not retire it a second time.
+//!
+//! The loom models (`loom_models.rs`) check this protocol through the
+//! facade in `sync.rs`: pin through the slot, lease, swap, retire, force.
+//! They do not model the `Weak` fast path of `poll_ready` (loom has no
+//! `Weak`); its safety rests on `std`'s `Weak::upgrade`, which never
+//! revives a generation whose last strong reference is gone.
 
 use std::any::Any;
-use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
-
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::driver::Rng;
-use crate::layer::RetireHook;
-use crate::stats::{GenerationStats, RetiredGeneration};
-use crate::sync::{
-    self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard, SwapOption,
-};
-use crate::trigger::{CallOutcome, FailurePolicy, GenerationId, Reason};
+use crate::config::{CallOutcome, Config, OnRetire};
+use crate::lease::Leased;
+use crate::schedule::{Reason, Rng};
+use crate::stats::{GenerationId, GenerationStats};
+use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard};
 
 /// The generations of one rotating client: the current slot and the
-/// bookkeeping behind it. This is the whole protocol that loom checks.
+/// bookkeeping behind it.
 pub(crate) struct Generations<S: 'static> {
     current: Swap<Generation<S>>,
     /// The id of the generation in `current`, for the fast path of
     /// `poll_ready`: a handle whose cached client has this id only needs
     /// to upgrade its `Weak`, not to read the slot.
     current_id: AtomicU64,
-    /// Makes the swap and the `current_id` store one step.
+    /// Keeps the slot and `current_id` in step when two swaps race. The
+    /// service serialises its swaps with its rotation lock already; this
+    /// makes `install` safe on its own, which the loom models check
+    /// without that lock.
     install: Mutex<()>,
     core: Arc<Core<S>>,
 }
 
-impl<S: Send + Sync + 'static> Generations<S> {
+impl<S: Send + 'static> Generations<S> {
     /// The first generation, current from now for `lifetime`.
     pub(crate) fn new(
-        hook: std::sync::Arc<dyn RetireHook<S>>,
-        triggers: Triggers,
+        config: Config,
+        hook: std::sync::Arc<dyn OnRetire<S>>,
         first: S,
         lifetime: Duration,
     ) -> Self {
-        let core = Core::new(hook, triggers);
+        let core = Core::new(config, hook);
         let generation = Core::new_generation(&core, first, lifetime);
         Generations {
             current_id: AtomicU64::new(generation.id),
@@ -70,9 +77,9 @@ impl<S: Send + Sync + 'static> Generations<S> {
         }
     }
 
-    /// Makes `client` current for `lifetime`. Returns the new id and the
-    /// old generation, which starts draining and retires when the caller
-    /// drops it and nothing else holds it.
+    /// Makes `client` current for `lifetime`. Returns the new generation's
+    /// id and the old generation, which starts draining and retires when
+    /// the caller drops it and nothing else holds it.
     pub(crate) fn install(&self, client: S, lifetime: Duration) -> (u64, Arc<Generation<S>>) {
         let generation = Core::new_generation(&self.core, client, lifetime);
         let id = generation.id;
@@ -94,15 +101,16 @@ impl<S: Send + Sync + 'static> Generations<S> {
     /// Whether nothing but the slot holds the current generation.
     pub(crate) fn current_is_idle(&self) -> bool {
         let current = self.current.load_full();
+        // Ours and the slot's.
         Arc::strong_count(&current) <= 2
-    }
-
-    pub(crate) fn core(&self) -> &Arc<Core<S>> {
-        &self.core
     }
 }
 
 impl<S: 'static> Generations<S> {
+    pub(crate) fn core(&self) -> &Arc<Core<S>> {
+        &self.core
+    }
+
     /// A short-lived read of the current generation.
     #[inline]
     pub(crate) fn load(&self) -> SwapGuard<Generation<S>> {
@@ -127,7 +135,8 @@ pub(crate) fn pin<S>(current: SwapGuard<Generation<S>>) -> Arc<Generation<S>> {
 /// It outlives the handles: a generation that is still draining after the
 /// last handle is gone needs it to retire itself.
 pub(crate) struct Core<S: 'static> {
-    hook: std::sync::Arc<dyn RetireHook<S>>,
+    pub(crate) config: Config,
+    hook: std::sync::Arc<dyn OnRetire<S>>,
     /// Weak references to the live generations, oldest first. Touched only
     /// when a generation is built or retired and by `stats()`.
     live: Mutex<Registry<S>>,
@@ -139,7 +148,6 @@ pub(crate) struct Core<S: 'static> {
     /// trigger requested a rotation. `notify_one`, so a wake-up that comes
     /// while the task is busy is kept for its next wait.
     pub(crate) changed: Notify,
-    pub(crate) triggers: Triggers,
     /// A rotation requested by a trigger: the generation it is for, and why.
     request: std::sync::Mutex<Option<(u64, Reason)>>,
     pub(crate) rotations: AtomicU64,
@@ -149,11 +157,11 @@ pub(crate) struct Core<S: 'static> {
     pub(crate) rng: Rng,
 }
 
-impl<S: Send + Sync + 'static> Core<S> {
-    fn new(hook: std::sync::Arc<dyn RetireHook<S>>, triggers: Triggers) -> Arc<Self> {
+impl<S: Send + 'static> Core<S> {
+    fn new(config: Config, hook: std::sync::Arc<dyn OnRetire<S>>) -> Arc<Self> {
         Arc::new(Core {
+            config,
             hook,
-            triggers,
             request: std::sync::Mutex::new(None),
             live: Mutex::new(Registry::default()),
             live_count: AtomicUsize::new(0),
@@ -176,11 +184,8 @@ impl<S: Send + Sync + 'static> Core<S> {
             born,
             // An overflow (a TTL of `Duration::MAX`) means never.
             expires_at: born.checked_add(lifetime),
-            client: SwapOption::from_pointee(client),
+            client: Mutex::new(Some(client)),
             served: AtomicU64::new(0),
-            request_cap: this.triggers.max_requests.unwrap_or(u64::MAX),
-            observes_responses: this.triggers.failures.is_some()
-                || this.triggers.generation_extension,
             failures: AtomicU32::new(0),
             draining_since: Mutex::new(None),
             retired: AtomicBool::new(false),
@@ -193,14 +198,13 @@ impl<S: Send + Sync + 'static> Core<S> {
 }
 
 impl<S: 'static> Core<S> {
-    /// Asks the background task to rotate generation `id` away. The first
-    /// request for a generation wins.
+    /// Asks the background task to rotate generation `id` away. Newer
+    /// generations win; a request for an older one is moot.
     pub(crate) fn request_rotation(&self, id: u64, reason: Reason) {
         let mut request = self
             .request
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Newer generations win; a request for an older one is moot.
         if request.is_none_or(|(requested, _)| requested < id) {
             *request = Some((id, reason));
             drop(request);
@@ -243,8 +247,8 @@ impl<S: 'static> Core<S> {
     }
 
     /// Per-generation figures, oldest first. `current_id` is the id of the
-    /// current generation, whose `current` slot reference is not counted as
-    /// in flight.
+    /// current generation, whose slot reference is not counted as in
+    /// flight.
     pub(crate) fn snapshot(&self, current_id: u64) -> Vec<GenerationStats> {
         // Upgrade under the lock, but drop the strong references only after
         // it is released: dropping the last one retires the generation,
@@ -258,26 +262,18 @@ impl<S: 'static> Core<S> {
                 let is_current = generation.id == current_id;
                 // `strong` was read before our own upgrade; the current
                 // generation has one more reference, held by the slot.
-                GenerationStats {
-                    id: generation.id,
-                    age: now.saturating_duration_since(generation.born),
-                    in_flight: strong.saturating_sub(usize::from(is_current)),
-                    requests: generation.requests(),
-                    current: is_current,
-                    draining_for: generation
-                        .draining_since()
-                        .map(|since| now.saturating_duration_since(since)),
-                }
+                let in_flight = strong.saturating_sub(usize::from(is_current));
+                generation.figures(now, in_flight, is_current)
             })
             .collect()
     }
 
     /// Bookkeeping of a retirement, with the client to hand to the hook.
-    /// Runs exactly once per generation (guarded by `Generation::retired`).
-    fn retire(&self, id: u64, client: Option<S>, info: RetiredGeneration, drained: bool) {
-        self.lock_live().remove(id);
+    /// Runs once per generation (guarded by `Generation::retired`).
+    fn retire(&self, info: GenerationStats, client: Option<S>, forced: bool) {
+        self.lock_live().remove(info.id.0);
         self.live_count.fetch_sub(1, Ordering::AcqRel);
-        crate::trace::retired(&info, drained);
+        crate::trace::retired(&info, forced);
         if let Some(client) = client {
             if std::thread::panicking() {
                 // A panicking hook would abort the process now; just drop.
@@ -298,27 +294,27 @@ pub(crate) struct Generation<S: 'static> {
     pub(crate) born: Instant,
     /// When this generation should stop being current; `None` is never.
     pub(crate) expires_at: Option<Instant>,
-    /// The template that handles clone their client from. Emptied only by
-    /// `force_retire` and by the final retirement.
-    client: SwapOption<S>,
+    /// The template that handles clone their client from, locked only when
+    /// a handle moves to this generation, so that `S` need not be `Sync`.
+    /// Emptied only by `force_retire` and by the final retirement.
+    client: Mutex<Option<S>>,
     /// Requests served: one relaxed add per call.
     served: AtomicU64,
-    /// `max_requests_per_generation`, or `u64::MAX`.
-    request_cap: u64,
-    /// Whether responses need a look (failure policy, extension).
-    pub(crate) observes_responses: bool,
     /// Consecutive failures, for `rotate_on_failures`.
     failures: AtomicU32,
     draining_since: Mutex<Option<Instant>>,
     retired: AtomicBool,
-    core: Arc<Core<S>>,
+    pub(crate) core: Arc<Core<S>>,
 }
 
 impl<S: Clone + 'static> Generation<S> {
     /// A fresh clone of this generation's client, or `None` if the
     /// generation was force-retired by `drain_timeout`.
     pub(crate) fn clone_client(&self) -> Option<S> {
-        self.client.load().as_deref().cloned()
+        self.client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -327,14 +323,14 @@ impl<S: 'static> Generation<S> {
     #[inline]
     pub(crate) fn record_request(&self) {
         let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        if served == self.request_cap {
+        if self.core.config.max_requests == Some(served) {
             self.core.request_rotation(self.id, Reason::MaxRequests);
         }
     }
 
     /// Judges a call for `rotate_on_failures`.
     fn observe(&self, outcome: &CallOutcome<'_>) {
-        let Some(policy) = &self.core.triggers.failures else {
+        let Some(policy) = &self.core.config.failures else {
             return;
         };
         // The predicate is user code on the request path: a panic in it
@@ -352,12 +348,12 @@ impl<S: 'static> Generation<S> {
         }
     }
 
-    pub(crate) fn requests(&self) -> u64 {
+    fn requests(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
 
     /// Marks the moment this generation stopped being current.
-    pub(crate) fn start_draining(&self) {
+    fn start_draining(&self) {
         let mut since = self
             .draining_since
             .lock()
@@ -365,28 +361,29 @@ impl<S: 'static> Generation<S> {
         since.get_or_insert_with(sync::now);
     }
 
-    pub(crate) fn draining_since(&self) -> Option<Instant> {
+    fn draining_since(&self) -> Option<Instant> {
         *self
             .draining_since
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn retired_info(&self, forced: bool, in_flight: usize) -> RetiredGeneration {
-        let now = sync::now();
-        RetiredGeneration {
-            id: self.id,
+    /// This generation's figures at `now`.
+    pub(crate) fn figures(&self, now: Instant, in_flight: usize, current: bool) -> GenerationStats {
+        GenerationStats {
+            id: GenerationId(self.id),
             age: now.saturating_duration_since(self.born),
+            in_flight,
             requests: self.requests(),
-            drained_in: self
+            current,
+            draining_for: self
                 .draining_since()
-                .map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
-            forced,
-            in_flight_at_retire: in_flight,
+                .map(|since| now.saturating_duration_since(since)),
         }
     }
 
     /// `drain_timeout` expired: the layer lets go of this generation now.
+    /// Returns `false` if it had retired already.
     ///
     /// The template client is dropped without the retire hook (the hook
     /// never sees a client with responses in flight). Responses still open
@@ -398,12 +395,14 @@ impl<S: 'static> Generation<S> {
         }
         // Our own reference is not in flight.
         let in_flight = Arc::strong_count(this).saturating_sub(1);
-        let info = this.retired_info(true, in_flight);
-        let client = this.client.swap(None);
+        let info = this.figures(sync::now(), in_flight, false);
+        let client = this
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
         this.core.forced_retirements.fetch_add(1, Ordering::Relaxed);
-        this.core.retire(this.id, None, info, true);
-        // Readers that are cloning right now hold their own reference to
-        // the template; it goes when they are done.
+        this.core.retire(info, None, true);
         drop(client);
         true
     }
@@ -415,103 +414,34 @@ impl<S: 'static> Drop for Generation<S> {
         if self.retired.swap(true, Ordering::AcqRel) {
             return;
         }
-        let info = self.retired_info(false, 0);
-        // Nobody else can hold a reference now, so the template is ours.
+        let current = self.draining_since().is_none();
+        let info = self.figures(sync::now(), 0, current);
         let client = self
             .client
-            .swap(None)
-            .and_then(|arc| Arc::try_unwrap(arc).ok());
-        let drained = self.draining_since().is_some();
-        self.core.retire(self.id, client, info, drained);
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        self.core.retire(info, client, false);
     }
 }
 
-/// What a response future or body holds: a type-erased strong reference
-/// to its generation. Erasing `S` keeps the future and body types generic
-/// over the inner future and body only.
-#[cfg(not(loom))]
-pub(crate) struct Lease(Arc<dyn Leased>);
-
-/// Under loom, whose `Arc` cannot be unsized, a box around the `Arc`.
-#[cfg(loom)]
-pub(crate) struct Lease(Box<dyn Leased>);
-
-pub(crate) trait Leased: Send + Sync + 'static {
-    fn id(&self) -> u64;
-
-    /// A response head arrived from this generation's client. Returns the
-    /// id to add to the response's extensions, if that is on.
-    fn on_response(&self, _status: StatusCode, _headers: &HeaderMap) -> Option<GenerationId> {
-        None
-    }
-
-    /// This generation's client returned an error.
-    fn on_error(&self, _error: &dyn Any) {}
-}
-
-impl<S: Send + Sync + 'static> Leased for Generation<S> {
+impl<S: Send + 'static> Leased for Generation<S> {
     fn id(&self) -> u64 {
         self.id
     }
 
-    // Called only when `observes_responses` is set: `ResponseFuture` checks
-    // the flag it copied at `call`.
+    // Called only when the config observes responses: `ResponseFuture`
+    // checks the flag it was given at `call`.
     fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
         self.observe(&CallOutcome::Response { status, headers });
         self.core
-            .triggers
+            .config
             .generation_extension
             .then_some(GenerationId(self.id))
     }
 
     fn on_error(&self, error: &dyn Any) {
         self.observe(&CallOutcome::Error(error));
-    }
-}
-
-#[cfg(loom)]
-impl<S: Send + Sync + 'static> Leased for Arc<Generation<S>> {
-    fn id(&self) -> u64 {
-        self.as_ref().id
-    }
-}
-
-impl Lease {
-    #[inline]
-    pub(crate) fn new<S: Send + Sync + 'static>(generation: Arc<Generation<S>>) -> Self {
-        #[cfg(not(loom))]
-        return Lease(generation);
-        #[cfg(loom)]
-        return Lease(Box::new(generation));
-    }
-
-    /// A lease on anything, for tests that watch when it is released.
-    #[cfg(all(test, not(loom)))]
-    pub(crate) fn from_arc(leased: Arc<dyn Leased>) -> Self {
-        Lease(leased)
-    }
-
-    /// The id of the generation this lease keeps alive.
-    pub(crate) fn generation_id(&self) -> u64 {
-        self.0.id()
-    }
-
-    #[inline]
-    pub(crate) fn on_response<B>(&self, response: &mut http::Response<B>) {
-        if let Some(id) = self.0.on_response(response.status(), response.headers()) {
-            response.extensions_mut().insert(id);
-        }
-    }
-
-    #[inline]
-    pub(crate) fn on_error(&self, error: &dyn Any) {
-        self.0.on_error(error);
-    }
-}
-
-impl fmt::Debug for Lease {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Lease").field(&self.0.id()).finish()
     }
 }
 
@@ -566,256 +496,4 @@ impl<S> Registry<S> {
     fn upgrade_all(&self) -> Vec<(usize, Arc<Generation<S>>)> {
         Vec::new()
     }
-}
-
-/// Model checks of the generation protocol. Run with
-/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
-///
-/// Each model asserts that a generation is never retired while a lease
-/// holds it, that every generation is retired exactly once, and that none
-/// is leaked (loom also fails a model that leaks an `Arc`).
-#[cfg(all(test, loom))]
-mod loom_tests {
-    use std::time::Duration;
-
-    use loom::thread;
-
-    use super::{pin, Generation, Generations, Lease, Triggers};
-    use crate::stats::RetiredGeneration;
-    use crate::sync::{Arc, Mutex};
-
-    const TTL: Duration = Duration::from_secs(60);
-
-    #[derive(Clone, Debug)]
-    struct Client(u64);
-
-    /// Retirements seen by the hook (client ids), plus forced ones.
-    #[derive(Clone, Default)]
-    struct Log(Arc<Mutex<Vec<(u64, bool)>>>);
-
-    impl Log {
-        fn generations(&self) -> Generations<Client> {
-            let log = self.clone();
-            let hook = move |_client: Client, generation: RetiredGeneration| {
-                log.0
-                    .lock()
-                    .expect("loom mutex")
-                    .push((generation.id, false));
-            };
-            Generations::new(
-                std::sync::Arc::new(hook),
-                Triggers::default(),
-                Client(1),
-                TTL,
-            )
-        }
-
-        fn record_forced(&self, id: u64) {
-            self.0.lock().expect("loom mutex").push((id, true));
-        }
-
-        fn is_retired(&self, id: u64) -> bool {
-            self.0
-                .lock()
-                .expect("loom mutex")
-                .iter()
-                .any(|(retired, _)| *retired == id)
-        }
-
-        /// Asserts that exactly `ids` were retired, each exactly once.
-        fn assert_retired_once(&self, ids: &[u64]) {
-            let mut retired: Vec<u64> = self
-                .0
-                .lock()
-                .expect("loom mutex")
-                .iter()
-                .map(|(id, _)| *id)
-                .collect();
-            retired.sort_unstable();
-            assert_eq!(retired, ids, "every generation retired exactly once");
-        }
-    }
-
-    /// What a handle does in `poll_ready` + `call`: read the slot, clone
-    /// the client, pin the generation into a lease.
-    fn lease_current(generations: &Generations<Client>) -> (u64, Lease) {
-        let current = generations.load();
-        let client = current
-            .clone_client()
-            .expect("the current generation is never force-retired");
-        assert_eq!(client.0, current.id);
-        (current.id, Lease::new(pin(current)))
-    }
-
-    /// Runs `f` under every interleaving loom explores (at most 3
-    /// preemptions unless `LOOM_MAX_PREEMPTIONS` says otherwise) and
-    /// prints how many that was.
-    fn model(f: impl Fn() + Sync + Send + 'static) {
-        let mut builder = loom::model::Builder::new();
-        if builder.preemption_bound.is_none() {
-            builder.preemption_bound = Some(3);
-        }
-        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = std::sync::Arc::clone(&runs);
-        builder.check(move || {
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f();
-        });
-        println!(
-            "explored {} interleavings",
-            runs.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
-
-    #[test]
-    fn loom_swap_racing_a_pin() {
-        model(|| {
-            let log = Log::default();
-            let generations = Arc::new(log.generations());
-            // Two handles pin while the main thread swaps: three threads.
-            let handles: Vec<_> = (0..2)
-                .map(|_| {
-                    let (generations, log) = (Arc::clone(&generations), log.clone());
-                    thread::spawn(move || {
-                        let (id, lease) = lease_current(&generations);
-                        thread::yield_now();
-                        assert!(!log.is_retired(id), "generation {id} retired under a lease");
-                        drop(lease);
-                    })
-                })
-                .collect();
-            let (id, old) = generations.install(Client(2), TTL);
-            assert_eq!(id, 2);
-            drop(old);
-            for handle in handles {
-                handle.join().expect("no panic");
-            }
-            assert!(
-                log.is_retired(1),
-                "generation 1 retires once its lease is gone"
-            );
-            assert_eq!(generations.core().live_count(), 1);
-            drop(generations);
-            log.assert_retired_once(&[1, 2]);
-        });
-    }
-
-    #[test]
-    fn loom_body_end_racing_a_swap() {
-        model(|| {
-            let log = Log::default();
-            let generations = Arc::new(log.generations());
-            let (id, lease) = lease_current(&generations);
-            let body = {
-                let log = log.clone();
-                thread::spawn(move || {
-                    assert!(!log.is_retired(id), "retired while the body streams");
-                    drop(lease); // end of stream
-                })
-            };
-            let (_, old) = generations.install(Client(2), TTL);
-            drop(old);
-            body.join().expect("no panic");
-            log.assert_retired_once(&[1]);
-            assert_eq!(generations.core().live_count(), 1);
-            drop(generations);
-            log.assert_retired_once(&[1, 2]);
-        });
-    }
-
-    #[test]
-    fn loom_two_handles_drop_the_last_leases_at_once() {
-        model(|| {
-            let log = Log::default();
-            let generations = log.generations();
-            let (_, first) = lease_current(&generations);
-            let (_, second) = lease_current(&generations);
-            let (_, old) = generations.install(Client(2), TTL);
-            drop(old);
-            assert!(!log.is_retired(1), "two leases still hold generation 1");
-            let a = thread::spawn(move || drop(first));
-            let b = thread::spawn(move || drop(second));
-            a.join().expect("no panic");
-            b.join().expect("no panic");
-            log.assert_retired_once(&[1]);
-            assert_eq!(generations.core().live_count(), 1);
-            drop(generations);
-            log.assert_retired_once(&[1, 2]);
-        });
-    }
-
-    #[test]
-    fn loom_rotate_racing_a_timed_swap() {
-        model(|| {
-            let log = Log::default();
-            let generations = Arc::new(log.generations());
-            let (_, lease) = lease_current(&generations);
-            let rotate = {
-                let generations = Arc::clone(&generations);
-                thread::spawn(move || {
-                    let (id, old) = generations.install(Client(2), TTL);
-                    drop(old);
-                    id
-                })
-            };
-            // Both swaps race on the slot (in the service they are also
-            // serialised by the rotation lock; the slot must not need it).
-            let (timed_id, old) = generations.install(Client(3), TTL);
-            drop(old);
-            let rotate_id = rotate.join().expect("no panic");
-            assert_ne!(rotate_id, timed_id, "two swaps, two generations");
-            let current = generations.load().id;
-            assert!(current == 2 || current == 3);
-            assert_eq!(
-                generations.current_id(),
-                current,
-                "the fast-path id matches the slot"
-            );
-            drop(lease);
-            assert_eq!(
-                generations.core().live_count(),
-                1,
-                "only the current one is live"
-            );
-            drop(generations);
-            log.assert_retired_once(&[1, 2, 3]);
-        });
-    }
-
-    #[test]
-    fn loom_drain_timeout_racing_the_last_lease() {
-        model(|| {
-            let log = Log::default();
-            let generations = log.generations();
-            let (_, lease) = lease_current(&generations);
-            let (_, old) = generations.install(Client(2), TTL);
-            // The drain timer's upgraded reference races the body's end.
-            let timer = {
-                let log = log.clone();
-                thread::spawn(move || {
-                    if Generation::force_retire(&old) {
-                        log.record_forced(old.id);
-                    }
-                })
-            };
-            drop(lease);
-            timer.join().expect("no panic");
-            log.assert_retired_once(&[1]);
-            assert_eq!(
-                generations.core().live_count(),
-                1,
-                "retired once, counted once"
-            );
-            drop(generations);
-            log.assert_retired_once(&[1, 2]);
-        });
-    }
-}
-
-/// The trigger settings every generation needs on the request path.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Triggers {
-    pub(crate) max_requests: Option<u64>,
-    pub(crate) failures: Option<FailurePolicy>,
-    pub(crate) generation_extension: bool,
 }

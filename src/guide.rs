@@ -128,28 +128,36 @@
 //! ## tonic with pre-connect
 //!
 //! The async factory connects before a generation becomes current, so the
-//! swap never puts a cold channel in front of requests; [`warm_up`] adds a
-//! health check that must pass first.
+//! swap never puts a cold channel in front of requests.
+//!
+//! ### Warm-up probe
+//!
+//! To make a fresh client pass a check before it serves anything, probe
+//! it inside the async factory. A failed probe is a failed build: the
+//! current generation keeps serving and the build is retried with backoff,
+//! all within [`build_timeout`](crate::RotatingClientLayer::build_timeout).
+//! The first client is probed too, and its failure reaches the caller of
+//! `layer_async`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), tower_rotating_client::BoxError> {
 //! use std::time::Duration;
 //! use tonic::transport::Endpoint;
 //! use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-//! use tower_rotating_client::{warm_up, RotatingClientLayer};
+//! use tower_rotating_client::RotatingClientLayer;
 //!
 //! let endpoint = Endpoint::from_static("http://127.0.0.1:50051");
 //! let channel = RotatingClientLayer::new(Duration::from_secs(30 * 60))
 //!     .build_timeout(Duration::from_secs(10))
-//!     .layer_async(warm_up(
-//!         move || {
-//!             let endpoint = endpoint.clone();
-//!             async move { endpoint.connect().await }
-//!         },
-//!         |channel| async move {
-//!             HealthClient::new(channel).check(HealthCheckRequest::default()).await.map(drop)
-//!         },
-//!     ))
+//!     .layer_async(move || {
+//!         let endpoint = endpoint.clone();
+//!         async move {
+//!             let channel = endpoint.connect().await?;
+//!             // The probe: a health check through the fresh channel.
+//!             HealthClient::new(channel.clone()).check(HealthCheckRequest::default()).await?;
+//!             Ok::<_, tower_rotating_client::BoxError>(channel)
+//!         }
+//!     })
 //!     .await?;
 //! let mut health = HealthClient::new(channel);
 //! let status = health.check(HealthCheckRequest::default()).await?;
@@ -157,8 +165,6 @@
 //! # Ok(())
 //! # }
 //! ```
-//!
-//! [`warm_up`]: crate::warm_up
 //!
 //! ## A per-upstream cache of rotating clients
 //!
@@ -235,10 +241,10 @@
 //!
 //! /// Whatever your metrics library offers: a gauge setter.
 //! fn export(stats: &Stats, mut gauge: impl FnMut(&str, f64)) {
-//!     gauge("rotating_client_generation", stats.current_generation as f64);
-//!     gauge("rotating_client_generation_age_seconds", stats.current_age.as_secs_f64());
-//!     gauge("rotating_client_live_generations", stats.live_generations as f64);
-//!     gauge("rotating_client_in_flight", stats.in_flight as f64);
+//!     gauge("rotating_client_generation", stats.current_generation.0 as f64);
+//!     gauge("rotating_client_generation_age_seconds", stats.current_age().as_secs_f64());
+//!     gauge("rotating_client_live_generations", stats.live_generations() as f64);
+//!     gauge("rotating_client_in_flight", stats.in_flight() as f64);
 //!     gauge("rotating_client_rotations_total", stats.rotations as f64);
 //!     gauge("rotating_client_failed_builds_total", stats.failed_builds as f64);
 //!     gauge("rotating_client_forced_retirements_total", stats.forced_retirements as f64);
@@ -247,7 +253,7 @@
 //! }
 //!
 //! /// Scrapes every `period`; spawn it and abort the task to stop.
-//! async fn scrape<S: Clone + Send + Sync + 'static>(client: RotatingClient<S>, period: Duration) {
+//! async fn scrape<S: Send + 'static>(client: RotatingClient<S>, period: Duration) {
 //!     let mut ticks = tokio::time::interval(period);
 //!     loop {
 //!         ticks.tick().await;

@@ -7,72 +7,10 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::driver::Factory;
+use crate::config::{CallOutcome, Config, FailurePolicy, OnRetire};
+use crate::error::BoxError;
+use crate::factory::Factory;
 use crate::service::RotatingClient;
-use crate::stats::RetiredGeneration;
-use crate::trigger::{CallOutcome, FailurePolicy};
-use crate::BoxError;
-
-/// Receives each retired client once it has drained.
-///
-/// Implemented for `()`, which just drops the client (the default), and for
-/// every `Fn(S, RetiredGeneration) + Send + Sync + 'static`. Implement it
-/// on a type of your own when the layer needs a nameable type.
-///
-/// The hook runs synchronously, on the thread that released the
-/// generation's last reference: often inside the poll of the last response
-/// body, or inside the drop of the last handle. Keep it short; to do async
-/// work (a graceful close), spawn a task. A panic in the hook is caught and
-/// ignored.
-pub trait RetireHook<S>: Send + Sync + 'static {
-    /// Called once per generation, with its client, after its last
-    /// in-flight response has finished.
-    fn on_retire(&self, client: S, generation: RetiredGeneration);
-}
-
-impl<S> RetireHook<S> for () {
-    fn on_retire(&self, client: S, _generation: RetiredGeneration) {
-        drop(client);
-    }
-}
-
-impl<S, H> RetireHook<S> for H
-where
-    H: Fn(S, RetiredGeneration) + Send + Sync + 'static,
-{
-    fn on_retire(&self, client: S, generation: RetiredGeneration) {
-        self(client, generation)
-    }
-}
-
-/// The options of a [`RotatingClientLayer`]. Defaults are stated on the
-/// builder methods.
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) ttl: Duration,
-    pub(crate) jitter: f64,
-    pub(crate) max_live: Option<usize>,
-    pub(crate) drain_timeout: Option<Duration>,
-    pub(crate) build_timeout: Duration,
-    pub(crate) build_ahead: Option<Duration>,
-    pub(crate) backoff_min: Duration,
-    pub(crate) backoff_max: Duration,
-    pub(crate) max_requests: Option<u64>,
-    pub(crate) failures: Option<FailurePolicy>,
-    pub(crate) generation_extension: bool,
-    pub(crate) stagger_first: bool,
-}
-
-/// Default jitter: lifetimes are spread over the last 10% of the TTL.
-pub(crate) const DEFAULT_JITTER: f64 = 0.1;
-/// Default build timeout for async factories.
-pub(crate) const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upper bound of the default `build_ahead`.
-pub(crate) const DEFAULT_BUILD_AHEAD_MAX: Duration = Duration::from_secs(10);
-/// Default backoff after a failed build.
-pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(250);
-/// Default cap of the backoff after failed builds.
-pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that turns a client factory into a [`RotatingClient`].
 ///
@@ -95,7 +33,8 @@ pub struct RotatingClientLayer<H = ()> {
 }
 
 impl RotatingClientLayer {
-    /// A layer whose generations live at most `ttl`.
+    /// A layer whose generations live at most `ttl`, with every other
+    /// option at its default.
     ///
     /// `Duration::MAX` means never rotate on time: generations are then
     /// replaced only by [`RotatingClient::rotate`].
@@ -109,31 +48,13 @@ impl RotatingClientLayer {
             "RotatingClientLayer::new: `ttl` must be greater than zero"
         );
         RotatingClientLayer {
-            config: Config {
-                ttl,
-                jitter: DEFAULT_JITTER,
-                max_live: None,
-                drain_timeout: None,
-                build_timeout: DEFAULT_BUILD_TIMEOUT,
-                build_ahead: None,
-                backoff_min: DEFAULT_BACKOFF_MIN,
-                backoff_max: DEFAULT_BACKOFF_MAX,
-                max_requests: None,
-                failures: None,
-                generation_extension: false,
-                stagger_first: false,
-            },
+            config: Config::new(ttl),
             hook: Arc::new(()),
         }
     }
 }
 
 impl<H> RotatingClientLayer<H> {
-    #[cfg(test)]
-    pub(crate) fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// Spreads generation lifetimes so that replicas deployed together do
     /// not rotate in lockstep.
     ///
@@ -186,7 +107,7 @@ impl<H> RotatingClientLayer<H> {
     /// current, even if responses from it are still open.
     ///
     /// When it fires, the generation counts as retired: it leaves
-    /// [`Stats::live_generations`](crate::Stats::live_generations) (making
+    /// [`Stats::generations`](crate::Stats::generations) (making
     /// room under the cap) and the layer drops its copy of the client
     /// without calling the retire hook, which never sees a client with
     /// responses in flight. The open responses are not touched by the
@@ -367,23 +288,28 @@ impl<H> RotatingClientLayer<H> {
     /// Hands each retired client to `hook` once its last in-flight response
     /// has finished, for clients that need an explicit graceful close.
     ///
-    /// The hook is called exactly once per generation, including the last
-    /// one when every handle and response is gone, and never for a
-    /// generation with a response still in flight. See [`RetireHook`] for
-    /// where it runs. Closure parameters need their types written out:
+    /// The hook is called at most once per generation, never while a
+    /// response from it is in flight, and for every generation that drains
+    /// normally, including the last one when every handle and response is
+    /// gone. It is skipped for a generation let go by
+    /// [`drain_timeout`](RotatingClientLayer::drain_timeout) (its client
+    /// is just dropped, counted in `Stats::forced_retirements`), and when
+    /// the last reference goes while the thread is unwinding from a panic
+    /// (a second panic would abort). See [`OnRetire`] for where it runs.
+    /// Closure parameters need their types written out:
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower::service_fn;
     /// use tower_layer::Layer;
-    /// use tower_rotating_client::{RetiredGeneration, RotatingClientLayer};
+    /// use tower_rotating_client::{GenerationStats, RotatingClientLayer};
     ///
     /// # type Client = tower::util::BoxCloneSyncService<http::Request<()>, http::Response<String>, std::io::Error>;
     /// # fn make_client() -> Client {
     /// #     Client::new(service_fn(|_req| async { Ok(http::Response::new(String::new())) }))
     /// # }
     /// let client = RotatingClientLayer::new(Duration::from_secs(600))
-    ///     .on_retire(|client: Client, generation: RetiredGeneration| {
+    ///     .on_retire(|client: Client, generation: GenerationStats| {
     ///         println!("generation {} served {} requests", generation.id, generation.requests);
     ///         drop(client);
     ///     })
@@ -415,38 +341,80 @@ impl<H> RotatingClientLayer<H> {
         M: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<S, E>> + Send + 'static,
         E: Into<BoxError>,
-        S: Clone + Send + Sync + 'static,
-        H: RetireHook<S>,
+        S: Clone + Send + 'static,
+        H: OnRetire<S>,
     {
         let first = make().await?;
-        let factory = Factory::from_async(make);
-        Ok(RotatingClient::from_parts(
-            self.config.clone(),
-            Arc::clone(&self.hook) as Arc<dyn RetireHook<S>>,
-            factory,
-            first,
-        ))
+        Ok(self.service(Factory::from_async(make), first))
+    }
+
+    /// Builds a [`RotatingClient`] from a sync factory that can fail, such
+    /// as `reqwest::ClientBuilder::build` or a client that reads TLS
+    /// material from disk.
+    ///
+    /// The first generation is built before this returns, so its error
+    /// reaches the caller unchanged. Later generations are built in the
+    /// background at expiry; a failed or panicking build leaves the current
+    /// generation serving, is counted in
+    /// [`Stats::failed_builds`](crate::Stats::failed_builds), and is retried
+    /// with backoff ([`build_backoff`](RotatingClientLayer::build_backoff)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower::service_fn;
+    /// use tower_rotating_client::RotatingClientLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), std::io::Error> {
+    /// let client = RotatingClientLayer::new(Duration::from_secs(600)).try_layer(|| {
+    ///     let certificate = std::fs::read("/dev/null")?; // what a real factory loads
+    ///     Ok::<_, std::io::Error>(service_fn(move |_req: http::Request<String>| {
+    ///         let length = certificate.len();
+    ///         async move { Ok::<_, std::io::Error>(http::Response::new(length.to_string())) }
+    ///     }))
+    /// })?;
+    /// # let _ = client;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_layer<F, S, E>(&self, make: F) -> Result<RotatingClient<S>, E>
+    where
+        F: Fn() -> Result<S, E> + Send + Sync + 'static,
+        E: Into<BoxError>,
+        S: Clone + Send + 'static,
+        H: OnRetire<S>,
+    {
+        let first = make()?;
+        Ok(self.service(Factory::from_sync(make), first))
+    }
+
+    fn service<S>(&self, factory: Factory<S>, first: S) -> RotatingClient<S>
+    where
+        S: Send + 'static,
+        H: OnRetire<S>,
+    {
+        let hook = Arc::clone(&self.hook) as Arc<dyn OnRetire<S>>;
+        RotatingClient::new(self.config.clone(), hook, factory, first)
     }
 }
 
 impl<F, S, H> Layer<F> for RotatingClientLayer<H>
 where
     F: Fn() -> S + Send + Sync + 'static,
-    S: Clone + Send + Sync + 'static,
-    H: RetireHook<S>,
+    S: Clone + Send + 'static,
+    H: OnRetire<S>,
 {
     type Service = RotatingClient<S>;
 
     /// Builds the first generation by calling `factory` (a panic in it
     /// reaches the caller) and returns the service. No runtime is needed
     /// here: the rotation timer starts now if a Tokio runtime is present,
-    /// otherwise on first use inside one.
+    /// otherwise on first use inside one. For a factory that returns a
+    /// `Result`, use [`try_layer`](RotatingClientLayer::try_layer).
     fn layer(&self, factory: F) -> RotatingClient<S> {
         let first = factory();
-        RotatingClient::from_parts(
-            self.config.clone(),
-            Arc::clone(&self.hook) as Arc<dyn RetireHook<S>>,
-            Factory::from_sync(factory),
+        self.service(
+            Factory::from_sync(move || Ok::<_, std::convert::Infallible>(factory())),
             first,
         )
     }

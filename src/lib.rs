@@ -22,7 +22,7 @@
 //! use std::time::Duration;
 //! use http_body_util::BodyExt;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_rotating_client::RotatingClientLayer;
+//! use tower_rotating_client::{GenerationId, RotatingClientLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -39,15 +39,15 @@
 //!     .service(make_client);
 //!
 //! let response = client.clone().oneshot(http::Request::new("hello".to_owned())).await?;
-//! assert_eq!(client.stats().in_flight, 1, "the body still leases generation 1");
+//! assert_eq!(client.stats().in_flight(), 1, "the body still leases generation 1");
 //! let body = response.into_body().collect().await?.to_bytes();
 //! assert_eq!(body, "hello");
-//! assert_eq!(client.stats().in_flight, 0, "released at end of stream");
+//! assert_eq!(client.stats().in_flight(), 0, "released at end of stream");
 //!
 //! // Credentials changed? Rotate now; the next request uses the new client.
 //! let generation = client.rotate().await?;
-//! assert_eq!(generation, 2);
-//! assert_eq!(client.stats().current_generation, 2);
+//! assert_eq!(generation, GenerationId(2));
+//! assert_eq!(client.stats().current_generation, generation);
 //! # Ok(())
 //! # }
 //! ```
@@ -106,10 +106,11 @@
 //!    (HEAD, 204) never holds on. Idle handles lease nothing.
 //! 4. **Retired.** When the last lease goes, the generation is retired, on
 //!    the thread that released it: its client is handed to the
-//!    [`on_retire`] hook, or dropped. Every generation is retired exactly
-//!    once, including the last one when every handle and response is gone.
-//!    [`drain_timeout`] can cut draining short; see there for exactly what
-//!    happens to the open responses.
+//!    [`on_retire`] hook, or dropped. Every generation is retired once,
+//!    including the last one when every handle and response is gone; the
+//!    hook sees each at most once and never with a response in flight.
+//!    [`drain_timeout`] can cut draining short (the hook is then skipped);
+//!    see there for exactly what happens to the open responses.
 //!
 //! Dropping the last handle stops the background task and the drain
 //! timers; generations still draining then retire on their own when their
@@ -129,13 +130,15 @@
 //!   generation is current. That stale clone does not delay retirement, but
 //!   lives until the handle is next polled or dropped.
 //! - The response future and body are named types, [`ResponseFuture`] and
-//!   [`ResponseBody`], with no boxing. The hot path (`poll_ready`, `call`,
-//!   `poll_frame`) takes no lock, allocates nothing and reads no clock: one
-//!   atomic load of the current generation's id, one reference count taken
-//!   through the handle's `Weak` to that generation and released at the end
-//!   of the body, and one relaxed request counter. The arc-swap slot is read
-//!   only when a handle moves to a new generation. See BENCHMARKS.md for
-//!   the figures.
+//!   [`ResponseBody`], with no boxing. On a handle that stays on the
+//!   current generation, the hot path (`poll_ready`, `call`, `poll_frame`)
+//!   takes no lock, allocates nothing and reads no clock: two atomic loads,
+//!   one reference count taken through the handle's `Weak` and released at
+//!   the end of the body, and one relaxed request counter. A handle that
+//!   moves to a new generation (every fresh clone, as `oneshot` on a clone
+//!   does) also reads the arc-swap slot and clones the client; see
+//!   [`RotatingClient`] ("Cost per request"). The repository's
+//!   BENCHMARKS.md has the figures.
 //!
 //! # Other triggers and observability
 //!
@@ -144,8 +147,9 @@
 //! [`max_requests_per_generation`](RotatingClientLayer::max_requests_per_generation)
 //! requests, or after consecutive failures judged by your predicate
 //! ([`rotate_on_failures`](RotatingClientLayer::rotate_on_failures), rate
-//! limited). [`warm_up`] makes a fresh client pass a probe before it becomes
-//! current. [`RotatingClient::stats`] gives per-generation figures,
+//! limited). An async factory can make a fresh client pass a probe before
+//! it becomes current (a [guide recipe](guide#warm-up-probe)).
+//! [`RotatingClient::stats`] gives per-generation figures,
 //! [`generation_extension`](RotatingClientLayer::generation_extension) tags
 //! each response with the [`GenerationId`] that served it, the retire hook
 //! gets each generation's figures, and the `tracing` feature emits every
@@ -186,29 +190,29 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
-mod driver;
+mod config;
 mod error;
+mod factory;
 mod future;
 mod generation;
 pub mod guide;
 mod layer;
+mod lease;
+#[cfg(all(test, loom))]
+mod loom_models;
+mod rotator;
+mod schedule;
 mod service;
 mod stats;
 mod sync;
 #[cfg(all(test, not(loom)))]
 mod testing;
 mod trace;
-mod trigger;
-mod warm_up;
 
 pub use body::ResponseBody;
-pub use error::RotateError;
+pub use config::{CallOutcome, OnRetire};
+pub use error::{BoxError, RotateError};
 pub use future::ResponseFuture;
-pub use layer::{RetireHook, RotatingClientLayer};
+pub use layer::RotatingClientLayer;
 pub use service::RotatingClient;
-pub use stats::{GenerationStats, RetiredGeneration, Stats};
-pub use trigger::{CallOutcome, GenerationId};
-pub use warm_up::{warm_up, WarmUpFuture};
-
-/// A boxed error, the bound on an async factory's error type.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use stats::{GenerationId, GenerationStats, Stats};

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 use tower_service::Service;
 
-use crate::RetiredGeneration;
+use crate::stats::GenerationStats;
 
 /// One step of a scripted body.
 #[derive(Debug, Clone)]
@@ -201,10 +201,10 @@ impl Builds {
 
 /// Records `(client id, generation figures)` of every retirement.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Retired(pub(crate) Arc<Mutex<Vec<(usize, RetiredGeneration)>>>);
+pub(crate) struct Retired(pub(crate) Arc<Mutex<Vec<(usize, GenerationStats)>>>);
 
 impl Retired {
-    pub(crate) fn hook(&self) -> impl Fn(TagClient, RetiredGeneration) + Send + Sync + 'static {
+    pub(crate) fn hook(&self) -> impl Fn(TagClient, GenerationStats) + Send + Sync + 'static {
         let log = Arc::clone(&self.0);
         move |client, generation| {
             log.lock()
@@ -223,7 +223,7 @@ impl Retired {
             .collect()
     }
 
-    pub(crate) fn all(&self) -> Vec<(usize, RetiredGeneration)> {
+    pub(crate) fn all(&self) -> Vec<(usize, GenerationStats)> {
         self.0.lock().expect("not poisoned").clone()
     }
 }
