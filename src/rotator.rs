@@ -77,7 +77,7 @@ where
         crate::trace::swapped(&old.figures(Instant::now(), in_flight, false), id, reason.as_str());
         if let (Some(timeout), true) = (config.drain_timeout, in_flight > 0) {
             if let Some(deadline) = Instant::now().checked_add(timeout) {
-                let weak = Arc::downgrade(&old);
+                let weak = crate::sync::downgrade(&old);
                 self.spawn(async move {
                     tokio::time::sleep_until(deadline).await;
                     if let Some(generation) = weak.upgrade() {
