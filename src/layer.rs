@@ -10,6 +10,7 @@ use tower_layer::Layer;
 use crate::config::{CallOutcome, Config, FailurePolicy, OnRetire};
 use crate::error::BoxError;
 use crate::factory::Factory;
+use crate::rotator::Rotator;
 use crate::service::RotatingClient;
 
 /// A [`Layer`] that turns a client factory into a [`RotatingClient`].
@@ -394,7 +395,7 @@ impl<H> RotatingClientLayer<H> {
         H: OnRetire<S>,
     {
         let hook = Arc::clone(&self.hook) as Arc<dyn OnRetire<S>>;
-        RotatingClient::new(self.config.clone(), hook, factory, first)
+        RotatingClient::new(Rotator::new(self.config.clone(), hook, factory, first))
     }
 }
 

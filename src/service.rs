@@ -8,9 +8,7 @@ use std::task::{Context, Poll};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::config::{Config, OnRetire};
 use crate::error::RotateError;
-use crate::factory::Factory;
 use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
 use crate::generation::{self, Generation};
@@ -93,19 +91,6 @@ impl<S> RotatingClient<S>
 where
     S: Send + 'static,
 {
-    pub(crate) fn new(
-        config: Config,
-        hook: Arc<dyn OnRetire<S>>,
-        factory: Factory<S>,
-        first: S,
-    ) -> Self {
-        RotatingClient {
-            rotator: Rotator::new(config, hook, factory, first),
-            cached: None,
-            reserved: None,
-        }
-    }
-
     /// Builds a fresh generation now and makes it current.
     ///
     /// Resolves once the new generation is current: every `poll_ready`
@@ -137,6 +122,15 @@ where
 }
 
 impl<S: 'static> RotatingClient<S> {
+    /// The first handle on freshly built shared state.
+    pub(crate) fn new(rotator: Arc<Rotator<S>>) -> Self {
+        RotatingClient {
+            rotator,
+            cached: None,
+            reserved: None,
+        }
+    }
+
     /// A snapshot of the generations and counters. See [`Stats`].
     pub fn stats(&self) -> Stats {
         self.rotator.stats()
