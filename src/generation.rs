@@ -485,12 +485,6 @@ impl Lease {
         return Lease(Box::new(generation));
     }
 
-    /// A lease on anything, for tests that watch when it is released.
-    #[cfg(all(test, not(loom)))]
-    pub(crate) fn from_arc(leased: Arc<dyn Leased>) -> Self {
-        Lease(leased)
-    }
-
     /// The id of the generation this lease keeps alive.
     pub(crate) fn generation_id(&self) -> u64 {
         self.0.id()

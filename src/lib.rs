@@ -195,7 +195,10 @@ mod layer;
 mod service;
 mod stats;
 mod sync;
+// The test doubles, shared with the integration tests.
 #[cfg(all(test, not(loom)))]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/test_utils/doubles.rs"]
 mod testing;
 mod trace;
 mod trigger;

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
 use tower::{Layer, Service, ServiceExt};
-use tower_rotating_client::{RotatingClient, RotatingClientLayer, Stats};
+use tower_rotating_client::{RotateError, RotatingClient, RotatingClientLayer, Stats};
 
 use test_utils::{
     expected_body, read_at_least, stream_request, AbortOnDropClient, HttpVersion, LiveCounter,
@@ -531,6 +531,10 @@ async fn an_async_factory_failing_k_times_in_a_row_then_recovering() {
     let stats = client.stats();
     assert_eq!(stats.failed_builds, K, "{stats:?}");
     assert_eq!(stats.rotations, 2, "recovered, then rotated on time again");
+    assert_eq!(
+        stats.current_generation, 3,
+        "failed builds make no generation"
+    );
     // Build 1 served past its TTL until build K + 2 (the first to succeed)
     // took over; no request ever saw a failed build.
     let first_new = served.iter().position(|&b| b != 1).expect("rotated");
@@ -730,6 +734,14 @@ async fn a_panicking_sync_factory_never_reaches_a_request() {
         .build_backoff(Duration::from_millis(10), Duration::from_millis(10))
         .on_retire(retired.hook())
         .layer(factory);
+
+    // A panic reaches the caller of `rotate()` as a `RotateError`.
+    let error: RotateError = client.rotate().await.expect_err("build 2 panics");
+    assert!(error.is_panic(), "{error}");
+    assert!(
+        error.to_string().contains("injected factory panic 2"),
+        "{error}"
+    );
 
     let served = serve_for(&client, Duration::from_secs(1), Duration::from_millis(10)).await;
     let stats = client.stats();
