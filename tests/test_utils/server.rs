@@ -243,8 +243,9 @@ async fn bind_loopback() -> TcpListener {
         .expect("bind 127.0.0.1:0")
 }
 
-/// Accept loop + per-connection tasks shared by [`StreamServer`] and [`HealthServer`].
-struct ServerCore {
+/// Accept loop + per-connection tasks shared by [`StreamServer`] and
+/// [`HealthServer`], which deref to it for the accessors below.
+pub struct ServerCore {
     addr: SocketAddr,
     stats: Arc<ConnStats>,
     conns: TaskTracker,
@@ -304,13 +305,44 @@ impl ServerCore {
         }
     }
 
-    async fn wait_for_open(&self, n: usize) {
-        while self.stats.open.load(Ordering::SeqCst) != n {
+    /// Bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Currently open TCP connections (decremented when the connection task ends).
+    pub fn open_connections(&self) -> usize {
+        self.stats.open.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted since start.
+    pub fn total_connections(&self) -> usize {
+        self.stats.total.load(Ordering::SeqCst)
+    }
+
+    /// Requests received since start (counted by [`StreamServer`] only).
+    pub fn total_requests(&self) -> usize {
+        self.stats.requests.load(Ordering::SeqCst)
+    }
+
+    /// Polls (every 1 ms of tokio time) until `open_connections() == n`.
+    /// Unbounded: wrap it in `tokio::time::timeout`.
+    pub async fn wait_for_open_connections(&self, n: usize) {
+        while self.open_connections() != n {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
-    fn shutdown(&self) {
+    /// Aborts all live connection tasks (simulates the server dying
+    /// mid-stream; gRPC Watch streams see an error); keeps accepting new
+    /// connections.
+    pub fn kill_connections(&self) {
+        self.conns.abort_all();
+    }
+
+    /// Stops accepting and aborts all connection tasks. Idempotent; also
+    /// done on Drop.
+    pub fn shutdown(&self) {
         if !self.shut.swap(true, Ordering::SeqCst) {
             self.accept.abort();
             self.conns.close();
@@ -345,6 +377,14 @@ impl Drop for ServerCore {
 /// aborts every connection task (including hyper's h2 stream tasks).
 pub struct StreamServer {
     core: ServerCore,
+}
+
+impl std::ops::Deref for StreamServer {
+    type Target = ServerCore;
+
+    fn deref(&self) -> &ServerCore {
+        &self.core
+    }
 }
 
 impl StreamServer {
@@ -382,11 +422,6 @@ impl StreamServer {
         }
     }
 
-    /// Bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.core.addr
-    }
-
     /// `http://127.0.0.1:<port><path>` (`path` should start with `/`; may
     /// contain a query).
     pub fn uri(&self, path: &str) -> Uri {
@@ -395,37 +430,6 @@ impl StreamServer {
             .expect("valid uri")
     }
 
-    /// Currently open TCP connections (decremented when the connection task ends).
-    pub fn open_connections(&self) -> usize {
-        self.core.stats.open.load(Ordering::SeqCst)
-    }
-
-    /// TCP connections accepted since start.
-    pub fn total_connections(&self) -> usize {
-        self.core.stats.total.load(Ordering::SeqCst)
-    }
-
-    /// Requests received since start.
-    pub fn total_requests(&self) -> usize {
-        self.core.stats.requests.load(Ordering::SeqCst)
-    }
-
-    /// Polls (every 1 ms of tokio time) until `open_connections() == n`.
-    /// Unbounded: wrap it in `tokio::time::timeout`.
-    pub async fn wait_for_open_connections(&self, n: usize) {
-        self.core.wait_for_open(n).await
-    }
-
-    /// Aborts all live connection tasks (simulates the server dying
-    /// mid-stream); keeps accepting new connections.
-    pub fn kill_connections(&self) {
-        self.core.conns.abort_all();
-    }
-
-    /// Stops accepting and aborts all connection tasks. Idempotent; also done on Drop.
-    pub fn shutdown(&self) {
-        self.core.shutdown();
-    }
 }
 
 fn param(req: &Request<Incoming>, header: &str) -> Option<String> {
@@ -511,6 +515,14 @@ pub struct HealthServer {
     reporter: tonic_health::server::HealthReporter,
 }
 
+impl std::ops::Deref for HealthServer {
+    type Target = ServerCore;
+
+    fn deref(&self) -> &ServerCore {
+        &self.core
+    }
+}
+
 impl HealthServer {
     /// Binds `127.0.0.1:0` and spawns the server on the current runtime.
     pub async fn start() -> Self {
@@ -521,11 +533,6 @@ impl HealthServer {
             core: ServerCore::serve(bind_loopback().await, svc, stats),
             reporter,
         }
-    }
-
-    /// Bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.core.addr
     }
 
     /// `http://127.0.0.1:<port>`, suitable for `Endpoint::from_shared`.
@@ -543,28 +550,4 @@ impl HealthServer {
         self.reporter.set_service_status(service, status).await;
     }
 
-    /// Currently open TCP connections.
-    pub fn open_connections(&self) -> usize {
-        self.core.stats.open.load(Ordering::SeqCst)
-    }
-
-    /// TCP connections accepted since start.
-    pub fn total_connections(&self) -> usize {
-        self.core.stats.total.load(Ordering::SeqCst)
-    }
-
-    /// Polls (every 1 ms of tokio time) until `open_connections() == n`.
-    pub async fn wait_for_open_connections(&self, n: usize) {
-        self.core.wait_for_open(n).await
-    }
-
-    /// Aborts all live connections (Watch streams see an error); keeps accepting.
-    pub fn kill_connections(&self) {
-        self.core.conns.abort_all();
-    }
-
-    /// Stops accepting and aborts all connections. Idempotent; also done on Drop.
-    pub fn shutdown(&self) {
-        self.core.shutdown();
-    }
 }
