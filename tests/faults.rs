@@ -20,11 +20,10 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body::Body;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -34,12 +33,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 use tower_rotating_client::{RotateError, RotatingClient, RotatingClientLayer, Stats};
 
 use test_utils::{
-    expected_body, read_at_least, stream_request, AbortOnDropClient, HttpVersion, LiveCounter,
-    RetireLog, StreamServer, XorShift, H_FAIL_AFTER,
+    expected_body, read_at_least, request, served_by, stream_request, AbortOnDropClient,
+    HttpVersion, LiveCounter, RetireLog, StreamServer, TagClient, XorShift, H_FAIL_AFTER,
 };
 
 /// Bound on every real-time test body, so that nothing hangs.
@@ -76,52 +75,24 @@ fn legacy_client() -> Legacy {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// An in-memory client for paused-time cases: answers at once, naming the
-/// build that made it.
-#[derive(Clone, Debug)]
-struct Mem {
-    build: u64,
-}
-
-impl Service<Request<()>> for Mem {
-    type Response = Response<Empty<Bytes>>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _request: Request<()>) -> Self::Future {
-        let mut response = Response::new(Empty::new());
-        response.headers_mut().insert("x-build", self.build.into());
-        std::future::ready(Ok(response))
-    }
-}
-
 /// Sends one request every `every` for `total` (paused time). Asserts that
 /// none of them waited, and returns the build that served each.
-async fn serve_for(client: &RotatingClient<Mem>, total: Duration, every: Duration) -> Vec<u64> {
+async fn serve_for(
+    client: &RotatingClient<TagClient>,
+    total: Duration,
+    every: Duration,
+) -> Vec<u64> {
     let end = Instant::now() + total;
     let mut served = Vec::new();
     while Instant::now() < end {
         let start = Instant::now();
-        let response = client
-            .clone()
-            .oneshot(Request::new(()))
-            .await
-            .expect("infallible");
+        let response = client.clone().oneshot(request()).await.expect("infallible");
         assert_eq!(
             start.elapsed(),
             Duration::ZERO,
             "a request never waits for a build"
         );
-        let build = response.headers()["x-build"]
-            .to_str()
-            .expect("ascii")
-            .parse()
-            .expect("a number");
-        served.push(build);
+        served.push(served_by(&response) as u64);
         sleep(every).await;
     }
     served
@@ -510,7 +481,7 @@ async fn an_async_factory_failing_k_times_in_a_row_then_recovering() {
                 if (2..2 + K).contains(&build) {
                     Err(std::io::Error::other(format!("build {build} fails")))
                 } else {
-                    Ok(Mem { build })
+                    Ok(TagClient { id: build as usize })
                 }
             }
         }
@@ -562,7 +533,7 @@ async fn an_async_factory_slower_than_the_ttl_rotates_at_build_pace() {
                 if build > 1 {
                     sleep(BUILD).await;
                 }
-                Ok::<_, Infallible>(Mem { build })
+                Ok::<_, Infallible>(TagClient { id: build as usize })
             }
         }
     };
@@ -606,7 +577,7 @@ async fn hanging_builds(
     backoff: Duration,
     calls: &Calls,
     alive: &Alive,
-) -> RotatingClient<Mem> {
+) -> RotatingClient<TagClient> {
     let factory = {
         let (calls, alive) = (calls.clone(), alive.clone());
         move || {
@@ -617,7 +588,7 @@ async fn hanging_builds(
                 if hangs(build) {
                     std::future::pending::<()>().await;
                 }
-                Ok::<_, Infallible>(Mem { build })
+                Ok::<_, Infallible>(TagClient { id: build as usize })
             }
         }
     };
@@ -726,7 +697,7 @@ async fn a_panicking_sync_factory_never_reaches_a_request() {
             if (2..=3).contains(&build) {
                 panic!("injected factory panic {build}");
             }
-            Mem { build }
+            TagClient { id: build as usize }
         }
     };
     let client = RotatingClientLayer::new(Duration::from_millis(100))
@@ -766,7 +737,7 @@ async fn a_panicking_async_factory_never_reaches_a_request() {
             assert_ne!(build, 2, "injected factory panic");
             async move {
                 assert_ne!(build, 3, "injected build future panic");
-                Ok::<_, Infallible>(Mem { build })
+                Ok::<_, Infallible>(TagClient { id: build as usize })
             }
         }
     };

@@ -11,6 +11,7 @@ mod load;
 mod retire;
 mod rotating;
 mod server;
+mod trivial;
 
 #[allow(unused_imports)]
 pub use client::*;
@@ -24,6 +25,8 @@ pub use retire::*;
 pub use rotating::*;
 #[allow(unused_imports)]
 pub use server::*;
+#[allow(unused_imports)]
+pub use trivial::*;
 
 /// Boxed error used by the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

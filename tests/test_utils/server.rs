@@ -429,7 +429,6 @@ impl StreamServer {
             .parse()
             .expect("valid uri")
     }
-
 }
 
 fn param(req: &Request<Incoming>, header: &str) -> Option<String> {
@@ -549,5 +548,4 @@ impl HealthServer {
     pub async fn set_status(&self, service: &str, status: tonic_health::ServingStatus) {
         self.reporter.set_service_status(service, status).await;
     }
-
 }
