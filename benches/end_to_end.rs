@@ -50,7 +50,7 @@ fn main() {
     let rt = support::runtime();
     rt.block_on(async {
         let server = Server::start().await;
-        let uri = server.uri();
+        let uri = support::uri(&server);
         let bare = http_client(false);
         let layered = RotatingClientLayer::new(TTL).layer(|| http_client(false));
 
@@ -79,7 +79,7 @@ fn main() {
         println!(
             "\nend_to_end: {CONCURRENCY} concurrent GETs, {}-byte bodies, HTTP/1.1 on loopback, \
              {rounds} x {window:?} per variant, interleaved{}",
-            support::BODY.len(),
+            support::BODY_LEN,
             if smoke { " (smoke run)" } else { "" },
         );
         println!("machine: {}", support::machine());
@@ -111,7 +111,7 @@ fn main() {
             p99s[1].as_secs_f64() / p99s[0].as_secs_f64()
         );
         println!("rotations during the measured windows: {rotations}");
-        println!("connections accepted by the server: {}", server.accepted());
+        println!("connections accepted by the server: {}", server.total_connections());
 
         for (name, totals) in [("without", &without), ("with", &with)] {
             assert!(

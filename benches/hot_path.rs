@@ -28,11 +28,11 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
-use std::pin::{pin, Pin};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, PoisonError, RwLock, Weak};
-use std::task::{ready, Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -40,7 +40,6 @@ use bytes::Bytes;
 use criterion::{BenchmarkGroup, Criterion};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_rotating_client::RotatingClientLayer;
@@ -52,56 +51,12 @@ const ROTATE_EVERY: u64 = 1_000;
 // The trivial client
 // ---------------------------------------------------------------------------
 
-/// Answers every request at once with a static one-chunk body. Allocates
-/// nothing: `Response::new` has no headers or extensions yet, and the body
-/// is `Bytes::from_static`.
-#[derive(Clone, Copy, Debug)]
-struct Trivial;
+// The trivial client and one request through a service polled by hand,
+// shared with the allocation test.
+#[path = "../tests/test_utils/trivial.rs"]
+mod trivial;
 
-impl Service<Request<()>> for Trivial {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, _request: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(Full::new(Bytes::from_static(b"hello")))))
-    }
-}
-
-/// A waker that does nothing: every future here is ready at once.
-struct NoopWaker;
-
-impl Wake for NoopWaker {
-    fn wake(self: Arc<Self>) {}
-}
-
-/// One request, start to end of body. Panics if anything is not ready at
-/// once, which the trivial client guarantees.
-#[inline(always)]
-fn one_request<S, B>(service: &mut S, cx: &mut Context<'_>)
-where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
-    B: Body,
-{
-    assert!(
-        service.poll_ready(cx).is_ready(),
-        "the trivial client is always ready"
-    );
-    let future = pin!(service.call(Request::new(())));
-    let Poll::Ready(Ok(response)) = future.poll(cx) else {
-        panic!("the trivial client answers at once");
-    };
-    let mut body = pin!(response.into_body());
-    while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(cx) {
-        std::hint::black_box(frame.is_ok());
-    }
-}
+use trivial::{one_request, Trivial};
 
 /// `n` requests. One function per variant, never inlined into the
 /// harness, so that every variant's loop is compiled alike whatever else
@@ -110,10 +65,11 @@ where
 fn requests<S, B>(service: &mut S, cx: &mut Context<'_>, n: u64)
 where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
-    B: Body,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
 {
     for _ in 0..n {
-        one_request(service, cx);
+        std::hint::black_box(one_request(service, cx));
     }
 }
 
@@ -128,7 +84,8 @@ fn requests_rotating<S, B>(
     rotate: &dyn Fn(),
 ) where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
-    B: Body,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
 {
     while n > 0 {
         let chunk = n.min(every - *count % every);
@@ -503,10 +460,10 @@ fn single<S, B>(
     mut service: S,
 ) where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
-    B: Body,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
 {
-    let waker = Waker::from(Arc::new(NoopWaker));
-    let mut cx = Context::from_waker(&waker);
+    let mut cx = Context::from_waker(Waker::noop());
     one_request(&mut service, &mut cx);
     group.bench_function(id, |b| {
         b.iter_custom(|iters| {
@@ -533,7 +490,8 @@ fn two_threads<S, B>(
     rotate: Option<&(dyn Fn() + Sync)>,
 ) where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send,
-    B: Body,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
 {
     // Requests of the rotating thread, across samples.
     let rotation_count = AtomicU64::new(0);
@@ -546,8 +504,7 @@ fn two_threads<S, B>(
                         let mut service = service.clone();
                         let (barrier, rotation_count) = (&barrier, &rotation_count);
                         scope.spawn(move || {
-                            let waker = Waker::from(Arc::new(NoopWaker));
-                            let mut cx = Context::from_waker(&waker);
+                            let mut cx = Context::from_waker(Waker::noop());
                             // A new handle clones its client on first use,
                             // and arc-swap sets up per-thread state: not
                             // part of the measurement.
@@ -608,8 +565,7 @@ fn bench_single_thread(c: &mut Criterion, samples: &Samples) {
     let client = layer.layer(|| Trivial);
     let mut handle = client.clone();
     let mut count = 0u64;
-    let waker = Waker::from(Arc::new(NoopWaker));
-    let mut cx = Context::from_waker(&waker);
+    let mut cx = Context::from_waker(Waker::noop());
     let rotate = || {
         rt.block_on(client.rotate()).expect("a sync build succeeds");
     };

@@ -117,13 +117,13 @@ struct Row {
 }
 
 async fn scenario(server: &Server, http2: bool, factory: Factory, swaps: usize) -> Row {
-    let uri = server.uri();
+    let uri = support::uri(server);
     let client = rotating_client(factory, http2, &uri).await;
     let load = LoadGenerator::start(&client, &uri, CONCURRENCY);
     // Let the first generation's pool fill up.
     tokio::time::sleep(GAP).await;
 
-    let accepted_before = server.accepted();
+    let accepted_before = server.total_connections();
     let mut rotations = Vec::with_capacity(swaps);
     for _ in 0..swaps {
         let called = Instant::now();
@@ -139,7 +139,7 @@ async fn scenario(server: &Server, http2: bool, factory: Factory, swaps: usize) 
     }
     let mut load = load.finish().await;
     load.samples.sort_unstable_by_key(|sample| sample.start);
-    let connections = server.accepted() - accepted_before;
+    let connections = server.total_connections() - accepted_before;
 
     let in_window = |sample: &Sample, from: Instant, len: Duration| {
         sample.start >= from && sample.start < from + len

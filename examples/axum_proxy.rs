@@ -117,7 +117,10 @@ async fn run() -> Result<(), BoxError> {
     let stats = client.stats();
     println!(
         "proxy client: generation {} current, {} rotations, {} live, {} in flight",
-        stats.current_generation, stats.rotations, stats.live_generations(), stats.in_flight()
+        stats.current_generation,
+        stats.rotations,
+        stats.live_generations(),
+        stats.in_flight()
     );
     Ok(())
 }

@@ -40,7 +40,9 @@ async fn run() -> Result<(), BoxError> {
                 |_client: HttpClient, generation: GenerationStats| {
                     println!(
                         "generation {} retired: served {} request(s), drained in {:?}",
-                        generation.id, generation.requests, generation.draining_for.unwrap_or_default()
+                        generation.id,
+                        generation.requests,
+                        generation.draining_for.unwrap_or_default()
                     );
                 },
             ),
@@ -89,7 +91,10 @@ async fn run() -> Result<(), BoxError> {
 fn print_stats(when: &str, stats: &Stats) {
     println!(
         "  stats {when}: current {}, live {}, in flight {}, rotations {}",
-        stats.current_generation, stats.live_generations(), stats.in_flight(), stats.rotations
+        stats.current_generation,
+        stats.live_generations(),
+        stats.in_flight(),
+        stats.rotations
     );
     for g in &stats.generations {
         println!(

@@ -115,7 +115,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_panics_and_timeouts_become_rotate_errors() {
         let failing = Factory::<u8>::from_sync(|| Err::<u8, _>("no certificate"));
-        let error = failing.build(Duration::from_secs(1)).await.expect_err("fails");
+        let error = failing
+            .build(Duration::from_secs(1))
+            .await
+            .expect_err("fails");
         assert!(error.is_failed(), "{error}");
         assert_eq!(
             error.into_factory_error().map(|e| e.to_string()).as_deref(),
@@ -123,17 +126,25 @@ mod tests {
             "the factory's own error, unchanged"
         );
 
-        let panicking = Factory::<u8>::from_sync(|| -> Result<u8, std::io::Error> {
-            panic!("boom")
-        });
-        let error = panicking.build(Duration::from_secs(1)).await.expect_err("panics");
-        assert!(error.is_panic() && error.to_string().contains("boom"), "{error}");
+        let panicking =
+            Factory::<u8>::from_sync(|| -> Result<u8, std::io::Error> { panic!("boom") });
+        let error = panicking
+            .build(Duration::from_secs(1))
+            .await
+            .expect_err("panics");
+        assert!(
+            error.is_panic() && error.to_string().contains("boom"),
+            "{error}"
+        );
 
         let slow = Factory::<u8>::from_async(|| async {
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok::<_, std::io::Error>(1)
         });
-        let error = slow.build(Duration::from_secs(1)).await.expect_err("times out");
+        let error = slow
+            .build(Duration::from_secs(1))
+            .await
+            .expect_err("times out");
         assert!(error.is_timeout(), "{error}");
 
         let fine = Factory::<u8>::from_async(|| async { Ok::<_, std::io::Error>(7) });

@@ -41,7 +41,9 @@ use crate::config::{CallOutcome, Config, OnRetire};
 use crate::lease::Leased;
 use crate::schedule::{Reason, Rng};
 use crate::stats::{GenerationId, GenerationStats};
-use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard};
+use crate::sync::{
+    self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard,
+};
 
 /// The generations of one rotating client: the current slot and the
 /// bookkeeping behind it.

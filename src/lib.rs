@@ -205,8 +205,6 @@ mod schedule;
 mod service;
 mod stats;
 mod sync;
-#[cfg(all(test, not(loom)))]
-mod testing;
 mod trace;
 
 pub use body::ResponseBody;

@@ -74,7 +74,11 @@ where
         // that read the old id just before the swap may still pin it
         // through its `Weak` after this count.
         let in_flight = crate::sync::Arc::strong_count(&old) - 1;
-        crate::trace::swapped(&old.figures(Instant::now(), in_flight, false), id, reason.as_str());
+        crate::trace::swapped(
+            &old.figures(Instant::now(), in_flight, false),
+            id,
+            reason.as_str(),
+        );
         if let (Some(timeout), true) = (config.drain_timeout, in_flight > 0) {
             if let Some(deadline) = Instant::now().checked_add(timeout) {
                 let weak = crate::sync::downgrade(&old);

@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::error::RotateError;
 use crate::body::ResponseBody;
+use crate::error::RotateError;
 use crate::future::ResponseFuture;
 use crate::generation::{self, Generation};
 use crate::lease::Lease;
@@ -151,7 +151,10 @@ impl<S: 'static> Clone for RotatingClient<S> {
 impl<S: 'static> fmt::Debug for RotatingClient<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RotatingClient")
-            .field("current_generation", &self.rotator.generations().current_id())
+            .field(
+                "current_generation",
+                &self.rotator.generations().current_id(),
+            )
             .field(
                 "cached_generation",
                 &self.cached.as_ref().map(|c| c.generation),
@@ -267,7 +270,8 @@ mod tests {
 
     #[test]
     fn a_handle_is_send_and_sync_over_a_client_that_is_only_send() {
-        type Boxed = tower::util::BoxCloneService<http::Request<()>, http::Response<String>, std::io::Error>;
+        type Boxed =
+            tower::util::BoxCloneService<http::Request<()>, http::Response<String>, std::io::Error>;
         assert_send_sync::<RotatingClient<Boxed>>();
     }
 }

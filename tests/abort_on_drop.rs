@@ -48,7 +48,7 @@ async fn rotation_keeps_every_stream(version: HttpVersion) {
     // streams stay alive next to the current one.
     let mut most_live = 0;
     while !run.is_finished() {
-        most_live = most_live.max(rotating.stats().live_generations);
+        most_live = most_live.max(rotating.stats().live_generations());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let outcome = run.await.expect("the load panicked");
@@ -75,7 +75,7 @@ async fn rotation_keeps_every_stream(version: HttpVersion) {
     wait_until(
         "only the current generation's client is alive",
         LIMIT,
-        || clients.live() == 1 && rotating.stats().live_generations == 1,
+        || clients.live() == 1 && rotating.stats().live_generations() == 1,
     )
     .await;
 

@@ -4,13 +4,13 @@
 //! Allocations are counted per thread, so the test harness and other tests
 //! running in parallel do not disturb the count.
 
+mod test_utils;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
-use std::pin::pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::future::Ready;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +19,8 @@ use http_body::Body;
 use http_body_util::Full;
 use tower::{Layer, Service};
 use tower_rotating_client::{ResponseBody, ResponseFuture, RotatingClientLayer};
+
+use test_utils::{one_request, Trivial, TRIVIAL_BODY};
 
 /// Counts the allocations (and reallocations) of the current thread.
 struct Counting;
@@ -66,55 +68,6 @@ fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
 }
 
-/// Answers at once with a static one-chunk body; allocates nothing.
-#[derive(Clone, Copy, Debug)]
-struct Trivial;
-
-impl Service<Request<()>> for Trivial {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _request: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(Full::new(Bytes::from_static(b"hello")))))
-    }
-}
-
-struct NoopWaker;
-
-impl Wake for NoopWaker {
-    fn wake(self: Arc<Self>) {}
-}
-
-/// `poll_ready` + `call` + response + the whole body; returns the body
-/// bytes seen.
-fn one_request<S, B>(service: &mut S, cx: &mut Context<'_>) -> usize
-where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    assert!(
-        service.poll_ready(cx).is_ready(),
-        "the trivial client is always ready"
-    );
-    let future = pin!(service.call(Request::new(())));
-    let Poll::Ready(Ok(response)) = future.poll(cx) else {
-        panic!("the trivial client answers at once");
-    };
-    let mut body = pin!(response.into_body());
-    let mut len = 0;
-    while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(cx) {
-        let frame = frame.expect("an infallible body");
-        len += frame.data_ref().map_or(0, Bytes::len);
-    }
-    len
-}
-
 /// Allocations made by `requests` requests through `service`, after a
 /// warm-up (which takes a handle's client clone and sets up arc-swap's
 /// per-thread state).
@@ -124,8 +77,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    let waker = Waker::from(Arc::new(NoopWaker));
-    let mut cx = Context::from_waker(&waker);
+    let mut cx = Context::from_waker(Waker::noop());
     for _ in 0..100 {
         one_request(service, &mut cx);
     }
@@ -135,7 +87,11 @@ where
         bytes += one_request(service, &mut cx);
     }
     let allocated = allocations() - before;
-    assert_eq!(bytes, requests * 5, "every request read the whole body");
+    assert_eq!(
+        bytes,
+        requests * TRIVIAL_BODY.len(),
+        "every request read the whole body"
+    );
     allocated
 }
 

@@ -103,7 +103,7 @@ async fn proxied_streams_survive_rotations() {
         LIMIT,
         || {
             let stats = rotating.stats();
-            stats.live_generations == 1 && retired.is_all_before(stats.current_generation)
+            stats.live_generations() == 1 && retired.is_all_before(stats.current_generation.0)
         },
     )
     .await;

@@ -20,25 +20,25 @@ mod test_utils;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
-use tower::{service_fn, Layer, ServiceExt};
-use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+use tower::{Layer, ServiceExt};
+use tower_rotating_client::{ResponseBody, RotatingClient, RotatingClientLayer};
 
-use test_utils::RetireLog;
+use test_utils::{BodyError, Builds, RetireLog, ScriptBody, Step, TagClient};
 
-/// One step of a scripted body.
+/// One step of a generated script; [`Script::body`] turns it into the
+/// shared body's step.
 #[derive(Clone, Debug)]
-enum Step {
+enum Kind {
     /// A data frame of this many bytes (zero is an empty frame).
     Data(usize),
     /// `Pending` once (waking at once); the next poll goes on.
@@ -49,7 +49,7 @@ enum Step {
 
 #[derive(Clone, Debug)]
 struct Script {
-    steps: Vec<Step>,
+    steps: Vec<Kind>,
     /// `is_end_stream()` is true once this many steps have been taken.
     end_hint_at: Option<usize>,
     /// `size_hint()` after `n` steps: `(lower, upper)` at index `n`.
@@ -58,86 +58,38 @@ struct Script {
     drop_before_poll: Option<usize>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct ScriptError {
-    step: usize,
-    code: u8,
-}
-
-impl std::fmt::Display for ScriptError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "scripted error {} at step {}", self.code, self.step)
-    }
-}
-
-impl std::error::Error for ScriptError {}
-
-/// A body that plays its script; two copies of one script behave alike.
-#[derive(Debug)]
-struct ScriptBody {
-    script: Arc<Script>,
-    taken: usize,
-}
-
-impl ScriptBody {
-    fn new(script: &Arc<Script>) -> Self {
-        ScriptBody {
-            script: Arc::clone(script),
-            taken: 0,
+impl Script {
+    /// A body that plays the script; two bodies of one script behave alike.
+    fn body(&self) -> ScriptBody {
+        // The content names the step, so a reordered frame shows.
+        let steps = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(step, kind)| match *kind {
+                Kind::Data(len) => Step::Data(Bytes::from(vec![step as u8; len])),
+                Kind::Pending => Step::Pending,
+                Kind::Trailers => {
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("x-step", step.into());
+                    Step::Trailers(trailers)
+                }
+                Kind::Error(code) => Step::Error(format!("scripted error {code} at step {step}")),
+            });
+        let hints = self.size_hints.iter().map(|&(lower, upper)| {
+            let mut hint = SizeHint::new();
+            hint.set_lower(lower);
+            if let Some(upper) = upper {
+                hint.set_upper(upper);
+            }
+            hint
+        });
+        let body = ScriptBody::script(steps).with_size_hints(hints.collect());
+        match self.end_hint_at {
+            Some(at) => body.with_end_hint_at(at),
+            None => body,
         }
     }
-}
-
-impl Body for ScriptBody {
-    type Data = Bytes;
-    type Error = ScriptError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ScriptError>>> {
-        let step = self.taken;
-        let Some(next) = self.script.steps.get(step).cloned() else {
-            return Poll::Ready(None);
-        };
-        self.taken += 1;
-        Poll::Ready(Some(match next {
-            // The content names the step, so a reordered frame shows.
-            Step::Data(len) => Ok(Frame::data(Bytes::from(vec![step as u8; len]))),
-            Step::Pending => {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            Step::Trailers => {
-                let mut trailers = HeaderMap::new();
-                trailers.insert("x-step", step.into());
-                Ok(Frame::trailers(trailers))
-            }
-            Step::Error(code) => Err(ScriptError { step, code }),
-        }))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.script.end_hint_at.is_some_and(|at| self.taken >= at)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let hints = &self.script.size_hints;
-        let (lower, upper) = hints[self.taken.min(hints.len() - 1)];
-        let mut hint = SizeHint::new();
-        hint.set_lower(lower);
-        if let Some(upper) = upper {
-            hint.set_upper(upper);
-        }
-        hint
-    }
-}
-
-/// The inner client: answers every request with the request's own body.
-fn echo(
-    request: http::Request<ScriptBody>,
-) -> std::future::Ready<Result<http::Response<ScriptBody>, Infallible>> {
-    std::future::ready(Ok(http::Response::new(request.into_body())))
 }
 
 /// A poll result in comparable form.
@@ -146,12 +98,12 @@ enum Outcome {
     Pending,
     Data(Bytes),
     Trailers(HeaderMap),
-    Error(ScriptError),
+    Error(BodyError),
     End,
 }
 
 impl Outcome {
-    fn of(poll: Poll<Option<Result<Frame<Bytes>, ScriptError>>>) -> Self {
+    fn of(poll: Poll<Option<Result<Frame<Bytes>, BodyError>>>) -> Self {
         match poll {
             Poll::Pending => Outcome::Pending,
             Poll::Ready(None) => Outcome::End,
@@ -186,9 +138,9 @@ fn check_lease<S: Clone + Send + Sync + 'static>(
         held
     );
     let stats = client.stats();
-    prop_assert_eq!(stats.in_flight, usize::from(held), "{}: in flight", at);
+    prop_assert_eq!(stats.in_flight(), usize::from(held), "{}: in flight", at);
     prop_assert_eq!(
-        stats.live_generations,
+        stats.live_generations(),
         1 + usize::from(held),
         "{}: live generations",
         at
@@ -209,21 +161,20 @@ enum Release {
 
 /// Runs one script; returns what released the generation.
 async fn run(script: Script) -> Result<Release, TestCaseError> {
-    let script = Arc::new(script);
     let retired = RetireLog::default();
     let client = RotatingClientLayer::new(Duration::from_secs(3600))
         .on_retire(retired.hook())
-        .layer(|| service_fn(echo));
+        .layer(Builds::default().factory());
     let response = client
         .clone()
-        .oneshot(http::Request::new(ScriptBody::new(&script)))
+        .oneshot(http::Request::new(script.body()))
         .await
         .expect("infallible");
     // From here on, only the body can keep generation 1 alive.
-    prop_assert_eq!(client.rotate().await.expect("a sync build"), 2);
+    prop_assert_eq!(client.rotate().await.expect("a sync build").0, 2);
 
     let mut body = Some(response.into_body());
-    let mut reference = ScriptBody::new(&script);
+    let mut reference = script.body();
     let mut cx = Context::from_waker(Waker::noop());
 
     // An empty body (hint true from the start) never holds.
@@ -294,12 +245,150 @@ async fn run(script: Script) -> Result<Release, TestCaseError> {
     Ok(release)
 }
 
-fn step() -> impl Strategy<Value = Step> {
+// ---------------------------------------------------------------------------
+// Examples, one way to release each
+// ---------------------------------------------------------------------------
+
+/// Sends `inner` through a rotating client over an echo client: the
+/// response body is then the only lease on the generation.
+async fn leased(inner: ScriptBody) -> (RotatingClient<TagClient>, ResponseBody<ScriptBody>) {
+    let client =
+        RotatingClientLayer::new(Duration::from_secs(3600)).layer(Builds::default().factory());
+    let response = client
+        .clone()
+        .oneshot(http::Request::new(inner))
+        .await
+        .expect("infallible");
+    (client, response.into_body())
+}
+
+/// Whether the body still leases its generation, as `stats()` sees it.
+fn held(client: &RotatingClient<TagClient>) -> bool {
+    client.stats().in_flight() > 0
+}
+
+fn trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().expect("valid"));
+    trailers
+}
+
+#[tokio::test]
+async fn forwards_data_and_releases_at_end_of_stream_before_drop() {
+    let (probe, mut body) = leased(ScriptBody::script([
+        Step::Data("a".into()),
+        Step::Pending,
+        Step::Data("b".into()),
+    ]))
+    .await;
+    assert!(held(&probe), "a new body holds its generation");
+    let frame = body.frame().await.expect("a frame").expect("not an error");
+    assert_eq!(frame.into_data().expect("data"), Bytes::from_static(b"a"));
+    assert!(held(&probe), "half-read: still held");
+    let frame = body.frame().await.expect("a frame").expect("not an error");
+    assert_eq!(frame.into_data().expect("data"), Bytes::from_static(b"b"));
+    assert!(held(&probe), "no end hint yet: still held");
+    assert!(
+        body.frame().await.is_none(),
+        "inner end of stream is forwarded"
+    );
+    assert!(
+        !held(&probe),
+        "released at end of stream, while the body is alive"
+    );
+    assert!(!body.holds_generation());
+}
+
+#[tokio::test]
+async fn releases_on_the_frame_after_which_is_end_stream_turns_true() {
+    let (probe, mut body) =
+        leased(ScriptBody::script([Step::Data("last".into())]).with_end_hint()).await;
+    assert!(!body.is_end_stream(), "not over before the last frame");
+    body.frame().await.expect("a frame").expect("not an error");
+    assert!(body.is_end_stream(), "is_end_stream is forwarded");
+    assert!(
+        !held(&probe),
+        "released with the last frame, without waiting for None"
+    );
+}
+
+#[tokio::test]
+async fn forwards_trailers_and_releases_with_them() {
+    let (probe, mut body) = leased(ScriptBody::script([
+        Step::Data("x".into()),
+        Step::Trailers(trailers()),
+    ]))
+    .await;
+    body.frame().await.expect("a frame").expect("not an error");
+    assert!(held(&probe));
+    let frame = body.frame().await.expect("a frame").expect("not an error");
+    assert_eq!(frame.into_trailers().expect("trailers")["grpc-status"], "0");
+    assert!(!held(&probe), "trailers end the stream");
+}
+
+#[tokio::test]
+async fn forwards_errors_unchanged_and_releases() {
+    let (probe, mut body) = leased(ScriptBody::script([
+        Step::Data("x".into()),
+        Step::Error("reset".into()),
+    ]))
+    .await;
+    body.frame().await.expect("a frame").expect("not an error");
+    let error = body
+        .frame()
+        .await
+        .expect("a frame")
+        .expect_err("the inner error");
+    assert_eq!(
+        error,
+        BodyError("reset".into()),
+        "the inner error, untouched"
+    );
+    assert!(!held(&probe), "released on error");
+}
+
+#[tokio::test]
+async fn releases_on_drop_mid_stream() {
+    let (probe, mut body) = leased(ScriptBody::script([
+        Step::Data("x".into()),
+        Step::Data("y".into()),
+    ]))
+    .await;
+    body.frame().await.expect("a frame").expect("not an error");
+    assert!(held(&probe));
+    drop(body);
+    assert!(!held(&probe), "released on drop");
+}
+
+#[tokio::test]
+async fn an_empty_body_never_holds() {
+    let (probe, body) = leased(ScriptBody::empty()).await;
+    assert!(!held(&probe), "HEAD / 204: nothing to wait for");
+    assert!(body.is_end_stream());
+    assert_eq!(body.size_hint().exact(), Some(0));
+}
+
+#[tokio::test]
+async fn forwards_size_hint() {
+    let mut hint = SizeHint::new();
+    hint.set_lower(3);
+    hint.set_upper(10);
+    let (_probe, body) =
+        leased(ScriptBody::script([Step::Data("abc".into())]).with_size_hint(hint)).await;
+    assert_eq!(body.size_hint().lower(), 3);
+    assert_eq!(body.size_hint().upper(), Some(10));
+}
+
+// ---------------------------------------------------------------------------
+// The property
+// ---------------------------------------------------------------------------
+
+fn step() -> impl Strategy<Value = Kind> {
     prop_oneof![
-        4 => (0usize..4).prop_map(Step::Data),
-        1 => Just(Step::Pending),
-        1 => Just(Step::Trailers),
-        1 => any::<u8>().prop_map(Step::Error),
+        4 => (0usize..4).prop_map(Kind::Data),
+        1 => Just(Kind::Pending),
+        1 => Just(Kind::Trailers),
+        1 => any::<u8>().prop_map(Kind::Error),
     ]
 }
 

@@ -188,9 +188,13 @@ async fn a_retry_lands_on_a_fresh_generation() {
     assert_eq!(body(response).await, "generation 2");
     let stats = rotating.stats();
     assert_eq!(stats.rotations, 1, "the policy rotated once");
-    assert_eq!(stats.current_generation, 2);
-    assert_eq!(stats.live_generations, 1, "generation 1 retired: {stats:?}");
-    assert_eq!(stats.in_flight, 0);
+    assert_eq!(stats.current_generation.0, 2);
+    assert_eq!(
+        stats.live_generations(),
+        1,
+        "generation 1 retired: {stats:?}"
+    );
+    assert_eq!(stats.in_flight(), 0);
     assert_eq!(built.load(Ordering::SeqCst), 2);
 
     // The next request goes straight to generation 2, without a retry.
@@ -225,7 +229,7 @@ async fn limit_and_timeout_release_generations() {
     // Let every call get as far as it can.
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(
-        rotating.stats().in_flight,
+        rotating.stats().in_flight(),
         CONCURRENCY,
         "the call over the limit waits before reserving a generation"
     );
@@ -241,7 +245,7 @@ async fn limit_and_timeout_release_generations() {
         );
     }
     let stats = rotating.stats();
-    assert_eq!(stats.in_flight, 0, "dropped futures release their lease");
+    assert_eq!(stats.in_flight(), 0, "dropped futures release their lease");
     assert_eq!(stats.generations[0].requests, CONCURRENCY as u64 + 1);
     assert_eq!(stats.rotations, 0, "timeouts are not retried errors");
 }

@@ -20,11 +20,10 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body::Body;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -34,12 +33,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
-use tower::{Layer, Service, ServiceExt};
-use tower_rotating_client::{RotatingClient, RotatingClientLayer, Stats};
+use tower::{Layer, ServiceExt};
+use tower_rotating_client::{RotateError, RotatingClient, RotatingClientLayer, Stats};
 
 use test_utils::{
-    expected_body, read_at_least, stream_request, AbortOnDropClient, HttpVersion, LiveCounter,
-    RetireLog, StreamServer, XorShift, H_FAIL_AFTER,
+    expected_body, read_at_least, request, served_by, stream_request, AbortOnDropClient,
+    HttpVersion, LiveCounter, RetireLog, StreamServer, TagClient, XorShift, H_FAIL_AFTER,
 };
 
 /// Bound on every real-time test body, so that nothing hangs.
@@ -76,52 +75,24 @@ fn legacy_client() -> Legacy {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// An in-memory client for paused-time cases: answers at once, naming the
-/// build that made it.
-#[derive(Clone, Debug)]
-struct Mem {
-    build: u64,
-}
-
-impl Service<Request<()>> for Mem {
-    type Response = Response<Empty<Bytes>>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _request: Request<()>) -> Self::Future {
-        let mut response = Response::new(Empty::new());
-        response.headers_mut().insert("x-build", self.build.into());
-        std::future::ready(Ok(response))
-    }
-}
-
 /// Sends one request every `every` for `total` (paused time). Asserts that
 /// none of them waited, and returns the build that served each.
-async fn serve_for(client: &RotatingClient<Mem>, total: Duration, every: Duration) -> Vec<u64> {
+async fn serve_for(
+    client: &RotatingClient<TagClient>,
+    total: Duration,
+    every: Duration,
+) -> Vec<u64> {
     let end = Instant::now() + total;
     let mut served = Vec::new();
     while Instant::now() < end {
         let start = Instant::now();
-        let response = client
-            .clone()
-            .oneshot(Request::new(()))
-            .await
-            .expect("infallible");
+        let response = client.clone().oneshot(request()).await.expect("infallible");
         assert_eq!(
             start.elapsed(),
             Duration::ZERO,
             "a request never waits for a build"
         );
-        let build = response.headers()["x-build"]
-            .to_str()
-            .expect("ascii")
-            .parse()
-            .expect("a number");
-        served.push(build);
+        served.push(served_by(&response) as u64);
         sleep(every).await;
     }
     served
@@ -314,8 +285,8 @@ async fn a_killed_upstream_fails_its_streams_with_hypers_error_and_a_restarted_o
     .await;
 
     let stats = client.stats();
-    assert_eq!(stats.in_flight, 0, "{stats:?}");
-    assert_eq!(stats.live_generations, 1, "{stats:?}");
+    assert_eq!(stats.in_flight(), 0, "{stats:?}");
+    assert_eq!(stats.live_generations(), 1, "{stats:?}");
     assert!(stats.rotations >= 4, "{stats:?}");
     retired.assert_each_once(stats.rotations);
     drop(client);
@@ -376,7 +347,7 @@ async fn killed_h2_connections_fail_their_streams_and_the_next_requests_reconnec
         assert_eq!(server.total_connections(), 3, "one new connection");
     })
     .await;
-    assert_eq!(client.stats().current_generation, 2);
+    assert_eq!(client.stats().current_generation.0, 2);
     drop(client);
     retired.assert_each_once(2);
     assert_eq!(counter.live(), 0, "no client leaked");
@@ -445,7 +416,7 @@ async fn a_connection_reset_mid_body_reaches_the_caller_as_the_inner_io_error() 
         assert_eq!(retired.assert_each_once(1), BTreeSet::from([1]));
     })
     .await;
-    assert_eq!(client.stats().in_flight, 0);
+    assert_eq!(client.stats().in_flight(), 0);
     report("connection reset", 1, 1, "1 RST mid-body");
 }
 
@@ -510,7 +481,7 @@ async fn an_async_factory_failing_k_times_in_a_row_then_recovering() {
                 if (2..2 + K).contains(&build) {
                     Err(std::io::Error::other(format!("build {build} fails")))
                 } else {
-                    Ok(Mem { build })
+                    Ok(TagClient { id: build as usize })
                 }
             }
         }
@@ -531,6 +502,10 @@ async fn an_async_factory_failing_k_times_in_a_row_then_recovering() {
     let stats = client.stats();
     assert_eq!(stats.failed_builds, K, "{stats:?}");
     assert_eq!(stats.rotations, 2, "recovered, then rotated on time again");
+    assert_eq!(
+        stats.current_generation.0, 3,
+        "failed builds make no generation"
+    );
     // Build 1 served past its TTL until build K + 2 (the first to succeed)
     // took over; no request ever saw a failed build.
     let first_new = served.iter().position(|&b| b != 1).expect("rotated");
@@ -558,7 +533,7 @@ async fn an_async_factory_slower_than_the_ttl_rotates_at_build_pace() {
                 if build > 1 {
                     sleep(BUILD).await;
                 }
-                Ok::<_, Infallible>(Mem { build })
+                Ok::<_, Infallible>(TagClient { id: build as usize })
             }
         }
     };
@@ -602,7 +577,7 @@ async fn hanging_builds(
     backoff: Duration,
     calls: &Calls,
     alive: &Alive,
-) -> RotatingClient<Mem> {
+) -> RotatingClient<TagClient> {
     let factory = {
         let (calls, alive) = (calls.clone(), alive.clone());
         move || {
@@ -613,7 +588,7 @@ async fn hanging_builds(
                 if hangs(build) {
                     std::future::pending::<()>().await;
                 }
-                Ok::<_, Infallible>(Mem { build })
+                Ok::<_, Infallible>(TagClient { id: build as usize })
             }
         }
     };
@@ -654,7 +629,7 @@ async fn a_hanging_factory_is_cut_by_build_timeout_and_the_current_generation_se
 
     let error = client.rotate().await.expect_err("it hangs");
     assert!(error.is_timeout(), "{error}");
-    assert_eq!(client.stats().current_generation, 1);
+    assert_eq!(client.stats().current_generation.0, 1);
     report(
         "factory that never finishes",
         served.len() as u64,
@@ -722,7 +697,7 @@ async fn a_panicking_sync_factory_never_reaches_a_request() {
             if (2..=3).contains(&build) {
                 panic!("injected factory panic {build}");
             }
-            Mem { build }
+            TagClient { id: build as usize }
         }
     };
     let client = RotatingClientLayer::new(Duration::from_millis(100))
@@ -730,6 +705,14 @@ async fn a_panicking_sync_factory_never_reaches_a_request() {
         .build_backoff(Duration::from_millis(10), Duration::from_millis(10))
         .on_retire(retired.hook())
         .layer(factory);
+
+    // A panic reaches the caller of `rotate()` as a `RotateError`.
+    let error: RotateError = client.rotate().await.expect_err("build 2 panics");
+    assert!(error.is_panic(), "{error}");
+    assert!(
+        error.to_string().contains("injected factory panic 2"),
+        "{error}"
+    );
 
     let served = serve_for(&client, Duration::from_secs(1), Duration::from_millis(10)).await;
     let stats = client.stats();
@@ -754,7 +737,7 @@ async fn a_panicking_async_factory_never_reaches_a_request() {
             assert_ne!(build, 2, "injected factory panic");
             async move {
                 assert_ne!(build, 3, "injected build future panic");
-                Ok::<_, Infallible>(Mem { build })
+                Ok::<_, Infallible>(TagClient { id: build as usize })
             }
         }
     };
@@ -885,8 +868,8 @@ async fn cancellation_under_load(version: HttpVersion) {
     assert!(tally.whole > 0 && tally.futures_dropped > 0 && tally.bodies_dropped > 0);
 
     let stats = client.stats();
-    assert_eq!(stats.in_flight, 0, "nothing left in flight: {stats:?}");
-    assert_eq!(stats.live_generations, 1, "all drained: {stats:?}");
+    assert_eq!(stats.in_flight(), 0, "nothing left in flight: {stats:?}");
+    assert_eq!(stats.live_generations(), 1, "all drained: {stats:?}");
     assert_eq!(stats.rotations, ROTATE_CALLS, "{stats:?}");
     retired.assert_each_once(ROTATE_CALLS);
     assert_eq!(counter.live(), 1, "only the current client is alive");
@@ -955,15 +938,15 @@ fn shut_down_with_streams_in_flight(
         (server, client, counter, retired)
     });
     let stats = client.stats();
-    assert_eq!(stats.in_flight, 6, "{stats:?}");
-    assert_eq!(stats.live_generations, 3, "{stats:?}");
+    assert_eq!(stats.in_flight(), 6, "{stats:?}");
+    assert_eq!(stats.live_generations(), 3, "{stats:?}");
     assert!(retired.all().is_empty(), "everything still streaming");
 
     shutdown(runtime);
     // The runtime dropped the tasks, hence the bodies: the draining
     // generations retired on that drop.
     assert_eq!(retired.assert_each_once(2), BTreeSet::from([1, 2]));
-    assert_eq!(client.stats().in_flight, 0);
+    assert_eq!(client.stats().in_flight(), 0);
     drop(client);
     assert_eq!(retired.assert_each_once(3), BTreeSet::from([1, 2, 3]));
     drop(server);

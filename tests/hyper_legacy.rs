@@ -62,17 +62,15 @@ async fn legacy_client_rotates(http2_only: bool) {
         LIMIT,
         || {
             let stats = rotating.stats();
-            stats.live_generations == 1
-                && stats.in_flight == 0
-                && retired.is_all_before(stats.current_generation)
+            stats.live_generations() == 1
+                && stats.in_flight() == 0
+                && retired.is_all_before(stats.current_generation.0)
         },
     )
     .await;
     let retirements = retired.all();
     assert!(
-        retirements
-            .iter()
-            .all(|g| !g.forced && g.in_flight_at_retire == 0),
+        retirements.iter().all(|g| g.in_flight == 0),
         "no generation is retired with responses open"
     );
     // Each generation that served requests dialled its own connections.
@@ -94,7 +92,7 @@ async fn legacy_client_rotates(http2_only: bool) {
     wait_until(
         "retired generations leave no connection open",
         LIMIT,
-        || server.open_connections() == 0 && rotating.stats().live_generations == 1,
+        || server.open_connections() == 0 && rotating.stats().live_generations() == 1,
     )
     .await;
 }

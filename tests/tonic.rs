@@ -87,7 +87,7 @@ async fn watch_and_check_across_rotations() {
     let rotating = RotatingClientLayer::new(TTL).layer(move || endpoint.connect_lazy());
     let mut health = HealthClient::new(rotating.clone());
 
-    let first_generation = rotating.stats().current_generation;
+    let first_generation = rotating.stats().current_generation.0;
     let mut watch = timeout(LIMIT, health.watch(request(SERVICE)))
         .await
         .expect("watch answered in time")
@@ -99,7 +99,7 @@ async fn watch_and_check_across_rotations() {
         .expect("first status")
         .expect("the watch is open");
     assert_eq!(first.status(), PbStatus::Serving);
-    let watch_generations = first_generation..=rotating.stats().current_generation;
+    let watch_generations = first_generation..=rotating.stats().current_generation.0;
 
     // Unary calls, all the time, in the background.
     let stop = Arc::new(AtomicBool::new(false));
@@ -148,7 +148,7 @@ async fn watch_and_check_across_rotations() {
         stats
             .generations
             .iter()
-            .any(|g| watch_generations.contains(&g.id) && !g.current && g.in_flight > 0),
+            .any(|g| watch_generations.contains(&g.id.0) && !g.current && g.in_flight > 0),
         "the open watch keeps its retired generation alive: {stats:?}"
     );
 
@@ -190,7 +190,7 @@ async fn watch_and_check_across_rotations() {
     // The watch ended at its trailers: though still held, it no longer
     // keeps its generation alive.
     wait_until("only the current generation is live", LIMIT, || {
-        rotating.stats().live_generations == 1
+        rotating.stats().live_generations() == 1
     })
     .await;
     drop(watch);

@@ -1,26 +1,38 @@
-//! Shared by the loopback benchmarks (`end_to_end`, `rotation`): a small
-//! hyper server, a closed-loop load generator, percentiles, and the
-//! command-line handling of the custom harnesses.
+//! Shared by the loopback benchmarks (`end_to_end`, `rotation`): the
+//! loopback server of the integration tests, a closed-loop load generator,
+//! percentiles, and the command-line handling of the custom harnesses.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio::task::{AbortHandle, JoinSet};
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 
-/// The response body: small, as for an API call.
-pub const BODY: &[u8] = b"{\"status\":\"ok\",\"items\":[1,2,3]}";
+// The loopback server and its body come from the integration tests' helpers.
+#[path = "../../tests/test_utils/mod.rs"]
+mod test_utils;
+
+pub use test_utils::StreamServer as Server;
+
+/// The length of the response body: small, as for an API call.
+pub const BODY_LEN: usize = 31;
+
+/// What the server sends: one chunk of [`BODY_LEN`] bytes.
+static BODY: LazyLock<Vec<u8>> = LazyLock::new(|| test_utils::expected_body(1, BODY_LEN));
+
+/// The URI at which `server` answers every request with one chunk of
+/// [`BODY_LEN`] bytes.
+pub fn uri(server: &Server) -> http::Uri {
+    server.uri(&format!("/?chunks=1&chunk-size={BODY_LEN}"))
+}
 
 /// No single request may take longer than this; one that does is counted
 /// as an error and the load goes on.
@@ -38,73 +50,6 @@ pub fn smoke_mode() -> bool {
     let has = |flag: &str| args.iter().any(|arg| arg == flag);
     let env = std::env::var("BENCH_SMOKE").is_ok_and(|value| !value.is_empty() && value != "0");
     env || has("--quick") || has("--smoke") || has("--test") || !has("--bench")
-}
-
-/// A hyper server (HTTP/1.1 and h2c) on `127.0.0.1:0` that answers every
-/// request with [`BODY`]. Stops when dropped.
-pub struct Server {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    accept: AbortHandle,
-}
-
-impl Server {
-    /// Binds and starts serving on the current runtime.
-    pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
-        let accept = tokio::spawn(async move {
-            // Connection tasks live in the set, so that they are aborted
-            // with the accept loop.
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    // Out of file descriptors, say: let some close.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                counter.fetch_add(1, Ordering::Relaxed);
-                while connections.try_join_next().is_some() {}
-                connections.spawn(async move {
-                    let service = hyper::service::service_fn(|_request| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(BODY))))
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        })
-        .abort_handle();
-        Server {
-            addr,
-            accepted,
-            accept,
-        }
-    }
-
-    /// `http://127.0.0.1:<port>/`.
-    pub fn uri(&self) -> http::Uri {
-        format!("http://{}/", self.addr)
-            .parse()
-            .expect("a valid URI")
-    }
-
-    /// TCP connections accepted so far.
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
 }
 
 /// The client under test.
@@ -152,7 +97,7 @@ where
             .await
             .map_err(|error| error.to_string())?
             .to_bytes();
-        if body != BODY {
+        if body != BODY.as_slice() {
             return Err(format!("unexpected body of {} bytes", body.len()));
         }
         Ok(())

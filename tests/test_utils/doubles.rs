@@ -1,12 +1,13 @@
-//! Test doubles shared by the unit tests: a scripted body, a client that
-//! tags responses with the generation that served them, and a recording
-//! retire hook.
+//! In-memory test doubles: a scripted body, a client that tags responses
+//! with the build that served them, a build counter, and paused-time
+//! helpers. They use no item of the crate, so that the crate's own unit
+//! tests can include this file too.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,20 +17,18 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 use tower_service::Service;
 
-use crate::stats::GenerationStats;
-
 /// One step of a scripted body.
 #[derive(Debug, Clone)]
-pub(crate) enum Step {
-    Data(&'static str),
+pub enum Step {
+    Data(Bytes),
     Trailers(HeaderMap),
-    Error(&'static str),
+    Error(String),
     /// Return `Pending` once (and wake at once).
     Pending,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct BodyError(pub(crate) &'static str);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError(pub String);
 
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,37 +41,40 @@ impl std::error::Error for BodyError {}
 /// A body that yields its script step by step, then whatever arrives on
 /// its channel, and ends when the script is done and the sender dropped.
 #[derive(Debug)]
-pub(crate) struct ScriptBody {
+pub struct ScriptBody {
     script: VecDeque<Step>,
+    /// Steps taken so far (script and channel).
+    taken: usize,
     rx: Option<mpsc::UnboundedReceiver<Step>>,
-    /// Reported by `is_end_stream` once the script is empty.
-    end_hint: bool,
-    size_hint: SizeHint,
+    /// `is_end_stream()` is true once this many steps have been taken (and
+    /// there is no channel).
+    end_hint_at: Option<usize>,
+    /// `size_hint()` after `n` steps: index `n`, the last one repeating.
+    size_hints: Vec<SizeHint>,
 }
 
 impl ScriptBody {
     /// A body with a fixed script and nothing more.
-    pub(crate) fn script(steps: impl IntoIterator<Item = Step>) -> Self {
+    pub fn script(steps: impl IntoIterator<Item = Step>) -> Self {
         ScriptBody {
             script: steps.into_iter().collect(),
+            taken: 0,
             rx: None,
-            end_hint: false,
-            size_hint: SizeHint::default(),
+            end_hint_at: None,
+            size_hints: vec![SizeHint::default()],
         }
     }
 
     /// A body that is empty and says so (HEAD, 204).
-    pub(crate) fn empty() -> Self {
-        ScriptBody {
-            end_hint: true,
-            size_hint: SizeHint::with_exact(0),
-            ..ScriptBody::script([])
-        }
+    pub fn empty() -> Self {
+        ScriptBody::script([])
+            .with_end_hint()
+            .with_size_hint(SizeHint::with_exact(0))
     }
 
     /// A body fed by the returned sender: it stays open until the sender
     /// is dropped.
-    pub(crate) fn channel() -> (mpsc::UnboundedSender<Step>, Self) {
+    pub fn channel() -> (mpsc::UnboundedSender<Step>, Self) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             tx,
@@ -84,13 +86,26 @@ impl ScriptBody {
     }
 
     /// Reports `is_end_stream() == true` as soon as the script is empty.
-    pub(crate) fn with_end_hint(mut self) -> Self {
-        self.end_hint = true;
+    pub fn with_end_hint(self) -> Self {
+        let at = self.taken + self.script.len();
+        self.with_end_hint_at(at)
+    }
+
+    /// Reports `is_end_stream() == true` once `steps` steps were taken.
+    pub fn with_end_hint_at(mut self, steps: usize) -> Self {
+        self.end_hint_at = Some(steps);
         self
     }
 
-    pub(crate) fn with_size_hint(mut self, hint: SizeHint) -> Self {
-        self.size_hint = hint;
+    pub fn with_size_hint(self, hint: SizeHint) -> Self {
+        self.with_size_hints(vec![hint])
+    }
+
+    /// `size_hint()` is `hints[n]` after `n` steps (the last one after
+    /// that); `hints` must not be empty.
+    pub fn with_size_hints(mut self, hints: Vec<SizeHint>) -> Self {
+        assert!(!hints.is_empty(), "at least one size hint");
+        self.size_hints = hints;
         self
     }
 }
@@ -113,11 +128,12 @@ impl Body for ScriptBody {
                 None => None,
             },
         };
+        if step.is_some() {
+            self.taken += 1;
+        }
         match step {
             None => Poll::Ready(None),
-            Some(Step::Data(data)) => {
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
-            }
+            Some(Step::Data(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Step::Trailers(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Some(Step::Error(message)) => Poll::Ready(Some(Err(BodyError(message)))),
             Some(Step::Pending) => {
@@ -128,11 +144,11 @@ impl Body for ScriptBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.end_hint && self.script.is_empty() && self.rx.is_none()
+        self.rx.is_none() && self.end_hint_at.is_some_and(|at| self.taken >= at)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size_hint
+        self.size_hints[self.taken.min(self.size_hints.len() - 1)]
     }
 }
 
@@ -140,8 +156,8 @@ impl Body for ScriptBody {
 /// tagged with the id of the client (the build number) in `x-client`, and
 /// with the status named by the request's `x-status` header, if any.
 #[derive(Debug, Clone)]
-pub(crate) struct TagClient {
-    pub(crate) id: usize,
+pub struct TagClient {
+    pub id: usize,
 }
 
 impl Service<http::Request<ScriptBody>> for TagClient {
@@ -174,7 +190,7 @@ impl Service<http::Request<ScriptBody>> for TagClient {
 }
 
 /// Which client served a response.
-pub(crate) fn served_by<B>(response: &http::Response<B>) -> usize {
+pub fn served_by<B>(response: &http::Response<B>) -> usize {
     response.headers()["x-client"]
         .to_str()
         .expect("ascii")
@@ -184,53 +200,24 @@ pub(crate) fn served_by<B>(response: &http::Response<B>) -> usize {
 
 /// Counts builds and hands out `TagClient`s numbered from 1.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Builds(pub(crate) Arc<AtomicUsize>);
+pub struct Builds(pub Arc<AtomicUsize>);
 
 impl Builds {
-    pub(crate) fn factory(&self) -> impl Fn() -> TagClient + Send + Sync + 'static {
+    pub fn factory(&self) -> impl Fn() -> TagClient + Send + Sync + 'static {
         let builds = Arc::clone(&self.0);
         move || TagClient {
             id: builds.fetch_add(1, Ordering::SeqCst) + 1,
         }
     }
 
-    pub(crate) fn count(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Records `(client id, generation figures)` of every retirement.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Retired(pub(crate) Arc<Mutex<Vec<(usize, GenerationStats)>>>);
-
-impl Retired {
-    pub(crate) fn hook(&self) -> impl Fn(TagClient, GenerationStats) + Send + Sync + 'static {
-        let log = Arc::clone(&self.0);
-        move |client, generation| {
-            log.lock()
-                .expect("not poisoned")
-                .push((client.id, generation))
-        }
-    }
-
-    /// Client ids in the order they were retired.
-    pub(crate) fn ids(&self) -> Vec<usize> {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    pub(crate) fn all(&self) -> Vec<(usize, GenerationStats)> {
-        self.0.lock().expect("not poisoned").clone()
     }
 }
 
 /// Lets spawned tasks (the driver) run until they are idle. Under paused
 /// time, a 1 ms sleep auto-advances only once every other task is idle.
-pub(crate) async fn settle() {
+pub async fn settle() {
     for _ in 0..4 {
         tokio::task::yield_now().await;
     }
@@ -238,7 +225,18 @@ pub(crate) async fn settle() {
 
 /// Advances paused time by `by`, in steps, letting the driver act in
 /// between.
-pub(crate) async fn advance(by: Duration) {
+pub async fn advance(by: Duration) {
     tokio::time::advance(by).await;
     settle().await;
+}
+
+/// A request whose body is empty and says so.
+pub fn request() -> http::Request<ScriptBody> {
+    http::Request::new(ScriptBody::empty())
+}
+
+/// A request whose body stays open until the returned sender is dropped.
+pub fn open_request() -> (mpsc::UnboundedSender<Step>, http::Request<ScriptBody>) {
+    let (tx, body) = ScriptBody::channel();
+    (tx, http::Request::new(body))
 }

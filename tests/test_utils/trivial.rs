@@ -1,0 +1,68 @@
+//! A client that answers at once and allocates nothing, and one request
+//! through a service polled by hand: for the allocation test and the hot
+//! path benchmark, which includes this file alone.
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::pin::pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::Full;
+use tower::Service;
+
+/// Answers every request at once with a static one-chunk body. Allocates
+/// nothing: `Response::new` has no headers or extensions yet, and the body
+/// is `Bytes::from_static`.
+#[derive(Clone, Copy, Debug)]
+pub struct Trivial;
+
+/// The body [`Trivial`] answers with.
+pub const TRIVIAL_BODY: &[u8] = b"hello";
+
+impl Service<Request<()>> for Trivial {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, _request: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(Full::new(Bytes::from_static(
+            TRIVIAL_BODY,
+        )))))
+    }
+}
+
+/// `poll_ready` + `call` + response + the whole body; returns the body
+/// bytes seen. Panics if anything is not ready at once, which the trivial
+/// client guarantees.
+#[inline(always)]
+pub fn one_request<S, B>(service: &mut S, cx: &mut Context<'_>) -> usize
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    assert!(
+        service.poll_ready(cx).is_ready(),
+        "the trivial client is always ready"
+    );
+    let future = pin!(service.call(Request::new(())));
+    let Poll::Ready(Ok(response)) = future.poll(cx) else {
+        panic!("the trivial client answers at once");
+    };
+    let mut body = pin!(response.into_body());
+    let mut len = 0;
+    while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(cx) {
+        let frame = frame.expect("an infallible body");
+        len += frame.data_ref().map_or(0, Bytes::len);
+    }
+    len
+}
