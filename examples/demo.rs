@@ -1135,8 +1135,8 @@ async fn act_2(config: ScaleConfig) -> bool {
     };
     let cell_width = 15 + BAR;
     eprintln!(
-        "{:<7} {:<cell_width$}   {}",
-        "second", "plain client", "RotatingClientLayer"
+        "{:<7} {:<cell_width$}   RotatingClientLayer",
+        "second", "plain client"
     );
     eprintln!(
         "{:<7} {:>4} {:>4} {:>4} {:BAR$}   {:>4} {:>4} {:>4}",
