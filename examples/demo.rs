@@ -22,7 +22,7 @@
 //! about two thirds of its traffic to them within a TTL, failing nothing.
 //!
 //! ```sh
-//! cargo run --release --example demo              # ~15 s, both acts
+//! cargo run --release --example demo              # ~14 s, both acts
 //! cargo run --release --example demo -- --http1   # act 2 over HTTP/1.1
 //! cargo run --release --example demo -- --help
 //! ```
