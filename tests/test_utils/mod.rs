@@ -10,6 +10,7 @@ mod doubles;
 mod load;
 mod retire;
 mod rotating;
+mod scale_up;
 mod server;
 mod trivial;
 
@@ -23,6 +24,8 @@ pub use load::*;
 pub use retire::*;
 #[allow(unused_imports)]
 pub use rotating::*;
+#[allow(unused_imports)]
+pub use scale_up::*;
 #[allow(unused_imports)]
 pub use server::*;
 #[allow(unused_imports)]

@@ -410,7 +410,7 @@ impl StreamServer {
         Self::on_listener(listener)
     }
 
-    fn on_listener(listener: TcpListener) -> Self {
+    pub fn on_listener(listener: TcpListener) -> Self {
         let stats = Arc::new(ConnStats::default());
         let svc_stats = stats.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {

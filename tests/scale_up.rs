@@ -1,0 +1,264 @@
+//! Backends added behind DNS: a long-lived client never sends them a
+//! request; the same client under `RotatingClientLayer` does after its
+//! next rotation.
+//!
+//! Three [`Backends`] on 127.0.0.1-3 answer for one made-up name, through
+//! the client's own resolver hook ([`ScaleUpDns`]), which lists only
+//! backend 1 until the change and then all three, round robin. Each client
+//! kind runs the same scenario twice: built once (the control) and under
+//! `RotatingClientLayer`. Nothing depends on the clock: the rotating client
+//! has a TTL of a day and rotates on `rotate()`, at chosen points.
+//!
+//! Why the control cannot move: an HTTP/2 client keeps its one connection;
+//! an HTTP/1.1 pool opens a connection (and so resolves) only when a
+//! request finds no idle one. The warm-up runs [`WARM_LOOPS`] requests at
+//! once, so the pool holds at least that many connections; after the
+//! change only [`LOOPS`] loops run, and each holds at most two connections
+//! (one busy, one on its way back to the pool), so an idle one is always
+//! there. The test runs on a current-thread runtime, where a connection's
+//! way back to the pool is a task already queued when its response ends.
+//!
+//! A new client kind plugs in as one more [`Sender`] and a pair of tests.
+
+mod test_utils;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::Body;
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use test_utils::*;
+use tower::{Service, ServiceExt};
+use tower_layer::Layer;
+use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+
+/// Concurrent loops of the warm-up, before the change.
+const WARM_LOOPS: usize = 16;
+/// Requests per warm-up loop.
+const WARM_REQUESTS: usize = 4;
+/// Concurrent loops after the change (at most `WARM_LOOPS / 2 - 1`, see
+/// the module docs).
+const LOOPS: usize = 4;
+/// Rounds after the change; the rotating client rotates before each one.
+const ROUNDS: usize = 6;
+/// Requests per loop and round.
+const REQUESTS: usize = 15;
+/// Bounds one request.
+const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+/// A TTL that never expires during a test: rotation is by `rotate()` only.
+const NEVER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The response of every request: one chunk of two bytes, at once.
+const PATH: &str = "/?chunks=1&chunk-delay-ms=0&chunk-size=2";
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// One client under test: sends a GET to the URI and returns the body.
+type Sender = Arc<dyn Fn(Uri) -> BoxFuture<Result<Vec<u8>, BoxError>> + Send + Sync>;
+
+/// A client kind's pair: the control, built once, and the rotating one
+/// with the rotation the scenario triggers.
+struct UnderTest {
+    send: Sender,
+    rotate: Option<Box<dyn Fn() -> BoxFuture<()>>>,
+}
+
+/// A [`Sender`] for any tower HTTP client (hyper-util's `Client`, or a
+/// `RotatingClient` over one).
+fn tower_sender<S, B>(client: S) -> Sender
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Arc::new(move |uri| {
+        let client = client.clone();
+        Box::pin(async move {
+            let request = Request::get(uri).body(Empty::new())?;
+            let response = client.oneshot(request).await.map_err(Into::into)?;
+            read_body(response.into_body()).await
+        })
+    })
+}
+
+/// The `rotate` of a scenario's rotating client.
+fn rotation<S>(client: RotatingClient<S>) -> Box<dyn Fn() -> BoxFuture<()>>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    Box::new(move || {
+        let client = client.clone();
+        Box::pin(async move {
+            client.rotate().await.expect("rotate builds a client");
+        })
+    })
+}
+
+/// What one scenario measured.
+struct Outcome {
+    /// Requests each backend served after the change, backend 1 first.
+    after_change: [usize; 3],
+    /// Failed requests, one line each, over the whole scenario.
+    failed: Vec<String>,
+}
+
+impl Outcome {
+    fn new_share(&self) -> f64 {
+        let total: usize = self.after_change.iter().sum();
+        (self.after_change[1] + self.after_change[2]) as f64 / total as f64
+    }
+}
+
+/// `loops` concurrent loops of `requests` requests each; failures returned.
+async fn load(send: &Sender, uri: &Uri, loops: usize, requests: usize) -> Vec<String> {
+    let expected = expected_body(1, 2);
+    let tasks: Vec<_> = (0..loops)
+        .map(|_| {
+            let (send, uri, expected) = (Arc::clone(send), uri.clone(), expected.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for _ in 0..requests {
+                    match tokio::time::timeout(REQUEST_LIMIT, send(uri.clone())).await {
+                        Ok(Ok(body)) if body == expected => {}
+                        Ok(Ok(body)) => failed.push(format!("wrong body: {body:?}")),
+                        Ok(Err(e)) => failed.push(e.to_string()),
+                        Err(_) => failed.push("timed out".to_owned()),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for task in tasks {
+        failed.extend(task.await.expect("a request loop panicked"));
+    }
+    failed
+}
+
+/// The scenario: warm up against backend 1, list all three, then
+/// [`ROUNDS`] rounds of load, each after a rotation if the client rotates.
+async fn scale_up(make: impl FnOnce(ScaleUpDns) -> UnderTest) -> Outcome {
+    let backends = Backends::start().await;
+    let dns = ScaleUpDns::new(backends.addrs());
+    let client = make(dns.clone());
+    let uri = backends.uri(PATH);
+
+    let mut failed = load(&client.send, &uri, WARM_LOOPS, WARM_REQUESTS).await;
+    assert_eq!(
+        backends.requests(),
+        [WARM_LOOPS * WARM_REQUESTS, 0, 0],
+        "before the change every request goes to backend 1"
+    );
+    // Let the warm-up's connections reach the pool.
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    dns.scale_up();
+    let before = backends.requests();
+    for _ in 0..ROUNDS {
+        if let Some(rotate) = &client.rotate {
+            rotate().await;
+        }
+        failed.extend(load(&client.send, &uri, LOOPS, REQUESTS).await);
+    }
+    let now = backends.requests();
+    Outcome {
+        after_change: [0, 1, 2].map(|i| now[i] - before[i]),
+        failed,
+    }
+}
+
+/// Runs the scenario for the control and the rotating client of one kind
+/// and checks both.
+async fn check(
+    kind: &str,
+    control: impl FnOnce(ScaleUpDns) -> UnderTest,
+    rotating: impl FnOnce(ScaleUpDns) -> UnderTest,
+) {
+    let after = LOOPS * ROUNDS * REQUESTS;
+
+    let outcome = scale_up(control).await;
+    assert_eq!(
+        outcome.failed,
+        Vec::<String>::new(),
+        "{kind}, control: failed requests"
+    );
+    assert_eq!(
+        outcome.after_change,
+        [after, 0, 0],
+        "{kind}, control: a client built once stays on backend 1 after the change"
+    );
+
+    let outcome = scale_up(rotating).await;
+    assert_eq!(
+        outcome.failed,
+        Vec::<String>::new(),
+        "{kind}, rotating: no request may fail"
+    );
+    assert_eq!(
+        outcome.after_change.iter().sum::<usize>(),
+        after,
+        "{kind}, rotating: every request after the change counted"
+    );
+    let share = outcome.new_share();
+    assert!(
+        share >= 1.0 / 3.0,
+        "{kind}, rotating: the new backends got {:.1}% of the requests after the change ({:?}), want at least a third",
+        share * 100.0,
+        outcome.after_change
+    );
+    println!(
+        "{kind}: rotating client sent {:.1}% to the new backends after the change {:?}",
+        share * 100.0,
+        outcome.after_change
+    );
+}
+
+fn hyper_util_client(
+    dns: ScaleUpDns,
+    http2_only: bool,
+) -> Client<HttpConnector<ScaleUpDns>, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(http2_only)
+        .build(HttpConnector::new_with_resolver(dns))
+}
+
+async fn hyper_util(http2_only: bool) {
+    check(
+        &format!("hyper-util, http2_only={http2_only}"),
+        |dns| UnderTest {
+            send: tower_sender(hyper_util_client(dns, http2_only)),
+            rotate: None,
+        },
+        |dns| {
+            let client = RotatingClientLayer::new(NEVER)
+                .layer(move || hyper_util_client(dns.clone(), http2_only));
+            UnderTest {
+                send: tower_sender(client.clone()),
+                rotate: Some(rotation(client)),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn hyper_util_http1() {
+    hyper_util(false).await;
+}
+
+#[tokio::test]
+async fn hyper_util_http2() {
+    hyper_util(true).await;
+}
