@@ -31,6 +31,7 @@ type BuildFuture<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
 /// How new clients are made.
 pub(crate) enum Factory<S> {
     Sync(Arc<dyn Fn() -> S + Send + Sync>),
+    TrySync(Arc<dyn Fn() -> Result<S, BoxError> + Send + Sync>),
     Async(Arc<dyn Fn() -> BuildFuture<S> + Send + Sync>),
 }
 
@@ -38,6 +39,7 @@ impl<S> Clone for Factory<S> {
     fn clone(&self) -> Self {
         match self {
             Factory::Sync(f) => Factory::Sync(Arc::clone(f)),
+            Factory::TrySync(f) => Factory::TrySync(Arc::clone(f)),
             Factory::Async(f) => Factory::Async(Arc::clone(f)),
         }
     }
@@ -49,6 +51,14 @@ impl<S: 'static> Factory<S> {
         F: Fn() -> S + Send + Sync + 'static,
     {
         Factory::Sync(Arc::new(f))
+    }
+
+    pub(crate) fn from_try_sync<F, E>(f: F) -> Self
+    where
+        F: Fn() -> Result<S, E> + Send + Sync + 'static,
+        E: Into<BoxError>,
+    {
+        Factory::TrySync(Arc::new(move || f().map_err(Into::into)))
     }
 
     pub(crate) fn from_async<M, Fut, E>(make: M) -> Self
@@ -72,6 +82,9 @@ impl<S: 'static> Factory<S> {
         match self {
             Factory::Sync(make) => catch_unwind(AssertUnwindSafe(|| make()))
                 .map_err(|panic| RotateError::panicked(panic.as_ref())),
+            Factory::TrySync(make) => catch_unwind(AssertUnwindSafe(|| make()))
+                .map_err(|panic| RotateError::panicked(panic.as_ref()))?
+                .map_err(RotateError::failed),
             Factory::Async(make) => {
                 let fut = catch_unwind(AssertUnwindSafe(|| make()))
                     .map_err(|panic| RotateError::panicked(panic.as_ref()))?;
@@ -90,6 +103,7 @@ impl<S> fmt::Debug for Factory<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Factory::Sync(_) => "Factory::Sync",
+            Factory::TrySync(_) => "Factory::TrySync",
             Factory::Async(_) => "Factory::Async",
         })
     }
@@ -206,7 +220,7 @@ async fn sleep_until_or(deadline: Option<Instant>, mut notified: Pin<&mut Notifi
 }
 
 /// Waits until a swap would keep the live generations within the cap.
-pub(crate) async fn wait_for_room<S: Clone + Send + Sync + 'static>(
+pub(crate) async fn wait_for_room<S: Clone + Send + 'static>(
     core: &Core<S>,
     shared: &Weak<Shared<S>>,
     max_live: Option<usize>,
@@ -272,7 +286,7 @@ async fn build<S: 'static>(
 /// The background task. Returns when the service state is gone.
 pub(crate) async fn drive<S>(shared: Weak<Shared<S>>, core: crate::sync::Arc<Core<S>>)
 where
-    S: Clone + Send + Sync + 'static,
+    S: Clone + Send + 'static,
 {
     let mut failures: u32 = 0;
     let mut retry_at: Option<Instant> = None;

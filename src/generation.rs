@@ -35,7 +35,7 @@ use crate::driver::Rng;
 use crate::layer::RetireHook;
 use crate::stats::{GenerationStats, RetiredGeneration};
 use crate::sync::{
-    self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard, SwapOption,
+    self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard,
 };
 use crate::trigger::{CallOutcome, FailurePolicy, GenerationId, Reason};
 
@@ -52,7 +52,7 @@ pub(crate) struct Generations<S: 'static> {
     core: Arc<Core<S>>,
 }
 
-impl<S: Send + Sync + 'static> Generations<S> {
+impl<S: Send + 'static> Generations<S> {
     /// The first generation, current from now for `lifetime`.
     pub(crate) fn new(
         hook: std::sync::Arc<dyn RetireHook<S>>,
@@ -149,7 +149,7 @@ pub(crate) struct Core<S: 'static> {
     pub(crate) rng: Rng,
 }
 
-impl<S: Send + Sync + 'static> Core<S> {
+impl<S: Send + 'static> Core<S> {
     fn new(hook: std::sync::Arc<dyn RetireHook<S>>, triggers: Triggers) -> Arc<Self> {
         Arc::new(Core {
             hook,
@@ -176,7 +176,7 @@ impl<S: Send + Sync + 'static> Core<S> {
             born,
             // An overflow (a TTL of `Duration::MAX`) means never.
             expires_at: born.checked_add(lifetime),
-            client: SwapOption::from_pointee(client),
+            client: Mutex::new(Some(client)),
             served: AtomicU64::new(0),
             request_cap: this.triggers.max_requests.unwrap_or(u64::MAX),
             observes_responses: this.triggers.failures.is_some()
@@ -299,8 +299,9 @@ pub(crate) struct Generation<S: 'static> {
     /// When this generation should stop being current; `None` is never.
     pub(crate) expires_at: Option<Instant>,
     /// The template that handles clone their client from. Emptied only by
-    /// `force_retire` and by the final retirement.
-    client: SwapOption<S>,
+    /// `force_retire` and by the final retirement. Locked only when a
+    /// handle moves to this generation, so `S` need not be `Sync`.
+    client: Mutex<Option<S>>,
     /// Requests served: one relaxed add per call.
     served: AtomicU64,
     /// `max_requests_per_generation`, or `u64::MAX`.
@@ -318,11 +319,19 @@ impl<S: Clone + 'static> Generation<S> {
     /// A fresh clone of this generation's client, or `None` if the
     /// generation was force-retired by `drain_timeout`.
     pub(crate) fn clone_client(&self) -> Option<S> {
-        self.client.load().as_deref().cloned()
+        self.lock_client().clone()
     }
 }
 
 impl<S: 'static> Generation<S> {
+    fn lock_client(&self) -> MutexGuard<'_, Option<S>> {
+        // A panicking `Clone` of the client poisons the lock; the template
+        // is still whole.
+        self.client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Counts a request; requests a rotation when it reaches the cap.
     #[inline]
     pub(crate) fn record_request(&self) {
@@ -399,11 +408,10 @@ impl<S: 'static> Generation<S> {
         // Our own reference is not in flight.
         let in_flight = Arc::strong_count(this).saturating_sub(1);
         let info = this.retired_info(true, in_flight);
-        let client = this.client.swap(None);
+        let client = this.lock_client().take();
         this.core.forced_retirements.fetch_add(1, Ordering::Relaxed);
         this.core.retire(this.id, None, info, true);
-        // Readers that are cloning right now hold their own reference to
-        // the template; it goes when they are done.
+        // Dropped outside the lock.
         drop(client);
         true
     }
@@ -417,10 +425,7 @@ impl<S: 'static> Drop for Generation<S> {
         }
         let info = self.retired_info(false, 0);
         // Nobody else can hold a reference now, so the template is ours.
-        let client = self
-            .client
-            .swap(None)
-            .and_then(|arc| Arc::try_unwrap(arc).ok());
+        let client = self.lock_client().take();
         let drained = self.draining_since().is_some();
         self.core.retire(self.id, client, info, drained);
     }
@@ -449,7 +454,7 @@ pub(crate) trait Leased: Send + Sync + 'static {
     fn on_error(&self, _error: &dyn Any) {}
 }
 
-impl<S: Send + Sync + 'static> Leased for Generation<S> {
+impl<S: Send + 'static> Leased for Generation<S> {
     fn id(&self) -> u64 {
         self.id
     }
@@ -470,7 +475,7 @@ impl<S: Send + Sync + 'static> Leased for Generation<S> {
 }
 
 #[cfg(loom)]
-impl<S: Send + Sync + 'static> Leased for Arc<Generation<S>> {
+impl<S: Send + 'static> Leased for Arc<Generation<S>> {
     fn id(&self) -> u64 {
         self.as_ref().id
     }
@@ -478,7 +483,7 @@ impl<S: Send + Sync + 'static> Leased for Arc<Generation<S>> {
 
 impl Lease {
     #[inline]
-    pub(crate) fn new<S: Send + Sync + 'static>(generation: Arc<Generation<S>>) -> Self {
+    pub(crate) fn new<S: Send + 'static>(generation: Arc<Generation<S>>) -> Self {
         #[cfg(not(loom))]
         return Lease(generation);
         #[cfg(loom)]
@@ -496,11 +501,11 @@ impl Lease {
         self.0.id()
     }
 
+    /// A response head arrived. Returns the id to add to the response's
+    /// extensions, if that is on.
     #[inline]
-    pub(crate) fn on_response<B>(&self, response: &mut http::Response<B>) {
-        if let Some(id) = self.0.on_response(response.status(), response.headers()) {
-            response.extensions_mut().insert(id);
-        }
+    pub(crate) fn on_head(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
+        self.0.on_response(status, headers)
     }
 
     #[inline]

@@ -415,7 +415,7 @@ impl<H> RotatingClientLayer<H> {
         M: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<S, E>> + Send + 'static,
         E: Into<BoxError>,
-        S: Clone + Send + Sync + 'static,
+        S: Clone + Send + 'static,
         H: RetireHook<S>,
     {
         let first = make().await?;
@@ -429,10 +429,56 @@ impl<H> RotatingClientLayer<H> {
     }
 }
 
+impl<H> RotatingClientLayer<H> {
+    /// Builds a [`RotatingClient`] from a sync factory that can fail, such
+    /// as `reqwest::Client::builder().build()`.
+    ///
+    /// The first generation is built before this returns, so its error
+    /// reaches the caller unchanged. A later build that fails (or panics)
+    /// leaves the current generation serving, is counted in
+    /// [`Stats::failed_builds`](crate::Stats::failed_builds) and is retried
+    /// with backoff ([`build_backoff`]), as with
+    /// [`layer_async`](RotatingClientLayer::layer_async).
+    ///
+    /// ```
+    /// # #[derive(Clone)] struct Client;
+    /// # impl tower_service::Service<http::Request<()>> for Client {
+    /// #     type Response = http::Response<String>;
+    /// #     type Error = std::io::Error;
+    /// #     type Future = std::future::Ready<Result<http::Response<String>, std::io::Error>>;
+    /// #     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), std::io::Error>> { std::task::Poll::Ready(Ok(())) }
+    /// #     fn call(&mut self, _: http::Request<()>) -> Self::Future { std::future::ready(Ok(http::Response::default())) }
+    /// # }
+    /// # fn load_client() -> Result<Client, std::io::Error> { Ok(Client) }
+    /// use std::time::Duration;
+    /// use tower_rotating_client::RotatingClientLayer;
+    ///
+    /// let client = RotatingClientLayer::new(Duration::from_secs(300)).try_layer(load_client)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// [`build_backoff`]: RotatingClientLayer::build_backoff
+    pub fn try_layer<F, S, E>(&self, factory: F) -> Result<RotatingClient<S>, E>
+    where
+        F: Fn() -> Result<S, E> + Send + Sync + 'static,
+        E: Into<BoxError>,
+        S: Clone + Send + 'static,
+        H: RetireHook<S>,
+    {
+        let first = factory()?;
+        Ok(RotatingClient::from_parts(
+            self.config.clone(),
+            Arc::clone(&self.hook) as Arc<dyn RetireHook<S>>,
+            Factory::from_try_sync(factory),
+            first,
+        ))
+    }
+}
+
 impl<F, S, H> Layer<F> for RotatingClientLayer<H>
 where
     F: Fn() -> S + Send + Sync + 'static,
-    S: Clone + Send + Sync + 'static,
+    S: Clone + Send + 'static,
     H: RetireHook<S>,
 {
     type Service = RotatingClient<S>;

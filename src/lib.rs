@@ -192,6 +192,9 @@ mod future;
 mod generation;
 pub mod guide;
 mod layer;
+#[cfg(feature = "reqwest")]
+mod reqwest;
+mod response;
 mod service;
 mod stats;
 mod sync;
@@ -205,6 +208,7 @@ pub use body::ResponseBody;
 pub use error::RotateError;
 pub use future::ResponseFuture;
 pub use layer::{RetireHook, RotatingClientLayer};
+pub use response::ClientResponse;
 pub use service::RotatingClient;
 pub use stats::{GenerationStats, RetiredGeneration, Stats};
 pub use trigger::{CallOutcome, GenerationId};

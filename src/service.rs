@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use http_body::Body;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -17,6 +16,7 @@ use crate::error::RotateError;
 use crate::future::ResponseFuture;
 use crate::generation::{self, Core, Generation, Generations, Lease, Triggers};
 use crate::layer::{Config, RetireHook};
+use crate::response::ClientResponse;
 use crate::stats::Stats;
 use crate::trigger::Reason;
 
@@ -34,7 +34,7 @@ pub(crate) struct Shared<S: 'static> {
 
 impl<S> Shared<S>
 where
-    S: Clone + Send + Sync + 'static,
+    S: Clone + Send + 'static,
 {
     /// Makes `client` the current generation. The old one starts draining
     /// and retires as soon as nothing holds it.
@@ -176,10 +176,22 @@ pub struct RotatingClient<S: 'static> {
     reserved: Option<crate::sync::Arc<Generation<S>>>,
 }
 
+impl<S: 'static> Cached<S> {
+    #[inline]
+    fn client(&mut self) -> &mut S {
+        // Never locked, so never poisoned; a poisoned one is still whole.
+        self.client
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// A handle's own clone of one generation's client.
 struct Cached<S: 'static> {
     generation: u64,
-    client: S,
+    /// Only ever reached through `get_mut` (no locking): the mutex is what
+    /// makes the handle `Sync` for a client that is only `Send`.
+    client: Mutex<S>,
     /// Lets the next `poll_ready` pin this generation without reading the
     /// slot, while it is current. A `Weak` does not keep the client alive.
     weak: crate::sync::Weak<Generation<S>>,
@@ -187,7 +199,7 @@ struct Cached<S: 'static> {
 
 impl<S> RotatingClient<S>
 where
-    S: Clone + Send + Sync + 'static,
+    S: Clone + Send + 'static,
 {
     pub(crate) fn from_parts(
         config: Config,
@@ -321,13 +333,13 @@ impl<S: 'static> fmt::Debug for RotatingClient<S> {
     }
 }
 
-impl<S, Req, B> Service<Req> for RotatingClient<S>
+impl<S, Req> Service<Req> for RotatingClient<S>
 where
-    S: Service<Req, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Response: ClientResponse,
     S::Error: 'static,
-    B: Body,
 {
-    type Response = http::Response<crate::ResponseBody<B>>;
+    type Response = <S::Response as ClientResponse>::Leased;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -361,7 +373,7 @@ where
             if let Some(client) = current.clone_client() {
                 self.cached = Some(Cached {
                     generation: current.id,
-                    client,
+                    client: Mutex::new(client),
                     weak: crate::sync::downgrade(&current),
                 });
                 return self.poll_cached(cx, Some(generation::pin(current)));
@@ -375,13 +387,13 @@ where
         };
         generation.record_request();
         let observe = generation.observes_responses;
-        ResponseFuture::new(cached.client.call(req), Lease::new(generation), observe)
+        ResponseFuture::new(cached.client().call(req), Lease::new(generation), observe)
     }
 }
 
 impl<S> RotatingClient<S>
 where
-    S: Send + Sync + 'static,
+    S: Send + 'static,
 {
     /// Polls the cached client. On Ready, reserves `current` (or keeps the
     /// existing reservation when `current` is `None`); otherwise lets go.
@@ -397,7 +409,7 @@ where
         let Some(cached) = self.cached.as_mut() else {
             unreachable!("a reservation always has a cached client")
         };
-        match cached.client.poll_ready(cx) {
+        match cached.client().poll_ready(cx) {
             Poll::Ready(Ok(())) => {
                 if current.is_some() {
                     self.reserved = current;

@@ -20,8 +20,6 @@ mod imp {
     /// A short-lived read of the slot: never stored, never held across an
     /// `.await`.
     pub(crate) type SwapGuard<T> = arc_swap::Guard<Arc<T>>;
-    /// A slot that can be emptied: the template client.
-    pub(crate) type SwapOption<T> = arc_swap::ArcSwapOption<T>;
 
     /// Turns a read of the slot into an owned reference (a pin).
     #[inline]
@@ -75,24 +73,6 @@ mod imp {
         }
 
         pub(crate) fn swap(&self, value: Arc<T>) -> Arc<T> {
-            std::mem::replace(&mut *self.0.lock().expect("loom mutex"), value)
-        }
-    }
-
-    /// Stands in for `ArcSwapOption` under loom.
-    #[derive(Debug)]
-    pub(crate) struct SwapOption<T>(Mutex<Option<Arc<T>>>);
-
-    impl<T> SwapOption<T> {
-        pub(crate) fn from_pointee(value: T) -> Self {
-            SwapOption(Mutex::new(Some(Arc::new(value))))
-        }
-
-        pub(crate) fn load(&self) -> Option<Arc<T>> {
-            self.0.lock().expect("loom mutex").clone()
-        }
-
-        pub(crate) fn swap(&self, value: Option<Arc<T>>) -> Option<Arc<T>> {
             std::mem::replace(&mut *self.0.lock().expect("loom mutex"), value)
         }
     }
