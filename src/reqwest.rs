@@ -13,6 +13,7 @@ use crate::response::sealed::{Attach, Sealed};
 use crate::response::ClientResponse;
 use crate::RotatingClient;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl ClientResponse for Response {
     type Leased = Response;
 
@@ -64,6 +65,7 @@ impl RotatingClient<Client> {
     /// ```no_run
     /// # async fn run() -> Result<(), reqwest::Error> {
     /// use std::time::Duration;
+    /// use tower::Layer;
     /// use tower_rotating_client::RotatingClientLayer;
     ///
     /// let client = RotatingClientLayer::new(Duration::from_secs(300)).layer(reqwest::Client::new);

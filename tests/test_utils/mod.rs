@@ -21,6 +21,8 @@
 //! * [`wait_until`], [`run_streams`], and [`long_streams`], the load of the
 //!   rotation-under-load tests, checked with [`StreamsOutcome::assert_none_cut`].
 //! * [`RetireLog`]: an `on_retire` hook that records every retirement.
+//! * [`FixedServer`]: hyper server answering every request with one fixed
+//!   status, content type and body (JSON for reqwest's `json()`).
 //!
 //! # tonic 0.14 API notes (checked against tonic 0.14.9 / tonic-health 0.14.9)
 //!
