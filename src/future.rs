@@ -17,8 +17,9 @@ pin_project! {
     ///
     /// Keeps the generation that serves the request alive until the inner
     /// future finishes. On a response, the lease moves into its body (the
-    /// [`ResponseBody`](crate::ResponseBody) of an `http::Response`); on an error, or if the future is dropped, it is
-    /// released at once. Errors pass through unchanged.
+    /// [`ResponseBody`](crate::ResponseBody) of an `http::Response`, or
+    /// the body of a `reqwest::Response`); on an error, or if the future is
+    /// dropped, it is released at once. Errors pass through unchanged.
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,

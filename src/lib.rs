@@ -90,6 +90,10 @@
 //!   rides in the response body, so `json()`, `bytes_stream()`, `chunk()`,
 //!   `error_for_status()` and `url()` work as usual. reqwest's builder
 //!   returns a `Result`: use [`try_layer`](RotatingClientLayer::try_layer).
+//!   reqwest cannot map a response body in place, so putting the lease in
+//!   goes through `http::Response` and back: a few allocations per
+//!   response (8 in a test with a 5-byte body, against reqwest's own 9),
+//!   on this path only; the `http::Response` path allocates nothing.
 //! - **boxed services**, `BoxCloneService` (not `Sync`) and
 //!   `BoxCloneSyncService`, over either of the above.
 //!

@@ -176,16 +176,6 @@ pub struct RotatingClient<S: 'static> {
     reserved: Option<crate::sync::Arc<Generation<S>>>,
 }
 
-impl<S: 'static> Cached<S> {
-    #[inline]
-    fn client(&mut self) -> &mut S {
-        // Never locked, so never poisoned; a poisoned one is still whole.
-        self.client
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
 /// A handle's own clone of one generation's client.
 struct Cached<S: 'static> {
     generation: u64,
@@ -195,6 +185,16 @@ struct Cached<S: 'static> {
     /// Lets the next `poll_ready` pin this generation without reading the
     /// slot, while it is current. A `Weak` does not keep the client alive.
     weak: crate::sync::Weak<Generation<S>>,
+}
+
+impl<S: 'static> Cached<S> {
+    #[inline]
+    fn client(&mut self) -> &mut S {
+        // Never locked, so never poisoned; a poisoned one is still whole.
+        self.client
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl<S> RotatingClient<S>
