@@ -288,6 +288,47 @@ async fn a_reqwest_error_passes_through_unchanged() {
     assert_eq!(stats.live_generations, 1);
 }
 
+/// `rotate_on_failures` judges reqwest's responses (status) and errors
+/// (`reqwest::Error`).
+#[tokio::test]
+async fn failure_triggers_see_reqwest_statuses_and_errors() {
+    let unavailable = FixedServer::start(503, "text/plain", "down").await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let client = RotatingClientLayer::new(TTL)
+        .rotate_on_failures(2, Duration::ZERO, |outcome| {
+            outcome.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+                || outcome
+                    .error::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_connect)
+        })
+        .layer(Client::new);
+    for _ in 0..2 {
+        let response = client
+            .execute(get(&unavailable.url("/")))
+            .await
+            .expect("a response");
+        assert_eq!(response.status(), 503, "passed through as is");
+    }
+    wait_until("two 503s rotate", Duration::from_secs(10), || {
+        client.stats().current_generation == 2
+    })
+    .await;
+    for _ in 0..2 {
+        let error = client
+            .execute(get(&format!("http://{closed}/")))
+            .await
+            .expect_err("nothing listens");
+        assert!(error.is_connect());
+    }
+    wait_until("two connect errors rotate", Duration::from_secs(10), || {
+        client.stats().current_generation == 3
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn try_layer_returns_the_first_error_unchanged() {
     let attempts = Arc::new(AtomicUsize::new(0));
