@@ -5,7 +5,8 @@
 //! reqwest's own response and error: the generation's lease rides in the
 //! `reqwest::Response` body (released at end of stream, on error, on drop),
 //! and everything on the response still works (`url()`, `json()`,
-//! `bytes_stream()`, `chunk()`, `error_for_status()`). Also: `try_layer`
+//! `bytes_stream()`, `chunk()`, `error_for_status()`), and errors are
+//! reqwest's own kinds. Also: `try_layer`
 //! with a fallible factory, and a non-`Sync` inner client
 //! (`BoxCloneService`).
 
@@ -286,6 +287,90 @@ async fn a_reqwest_error_passes_through_unchanged() {
     let stats = client.stats();
     assert_eq!(stats.in_flight, 0, "released on error: {stats:?}");
     assert_eq!(stats.live_generations, 1);
+}
+
+/// What kind of error a reqwest error is, as reqwest answers it.
+fn kind(error: &reqwest::Error) -> [bool; 5] {
+    [
+        error.is_body(),
+        error.is_decode(),
+        error.is_timeout(),
+        error.is_request(),
+        error.is_connect(),
+    ]
+}
+
+/// Reads `request`'s body with `chunk()` to its first error.
+async fn first_body_error(
+    client: &Client,
+    rotating: Option<&RotatingClient<Client>>,
+    request: Request,
+) -> reqwest::Error {
+    let mut response = match rotating {
+        Some(rotating) => rotating.execute(request).await,
+        None => client.execute(request).await,
+    }
+    .expect("response head");
+    if let Some(rotating) = rotating {
+        rotating.rotate().await.expect("rotation builds");
+        assert_eq!(rotating.stats().live_generations, 2, "the body holds 1");
+    }
+    for _ in 0..MAX_READS {
+        match response.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the body ended without an error"),
+            Err(error) => return error,
+        }
+    }
+    panic!("no error within {MAX_READS} reads");
+}
+
+/// A body that fails mid-stream (the server resets it, or reqwest's read
+/// timeout fires) gives the same kind of reqwest error as reqwest alone
+/// (`is_body()`, `is_decode()`, `is_timeout()`), and lets go of the
+/// generation.
+#[tokio::test]
+async fn body_errors_are_reqwests_and_release_the_generation() {
+    let server = StreamServer::start().await;
+    // The first chunk at once, the reset a second later: the head has long
+    // arrived by then.
+    let reset = || {
+        let mut request = stream_request(&server, CHUNKS);
+        request.headers_mut().insert(H_FAIL_AFTER, 1.into());
+        request.headers_mut().insert(H_CHUNK_DELAY_MS, 1000.into());
+        request
+    };
+    // The second chunk comes after 5 s; a 100 ms read timeout fires first.
+    let stall = || {
+        let mut request = stream_request(&server, 2);
+        request.headers_mut().insert(H_CHUNK_DELAY_MS, 5000.into());
+        request
+    };
+    let make = || {
+        Client::builder()
+            .read_timeout(Duration::from_millis(100))
+            .build()
+            .expect("builds")
+    };
+    for (name, request, client) in [
+        (
+            "reset",
+            &reset as &dyn Fn() -> Request,
+            Client::new as fn() -> Client,
+        ),
+        ("read timeout", &stall, make),
+    ] {
+        let plain = first_body_error(&client(), None, request()).await;
+        let rotating = layer().layer(client);
+        let error = first_body_error(&client(), Some(&rotating), request()).await;
+        assert_eq!(kind(&error), kind(&plain), "{name}: {error:?} vs {plain:?}");
+        assert_eq!(error.url(), plain.url(), "{name}");
+        assert_eq!(
+            rotating.stats().live_generations,
+            1,
+            "{name}: released on error"
+        );
+    }
 }
 
 /// `rotate_on_failures` judges reqwest's responses (status) and errors
