@@ -6,9 +6,8 @@
 //! `reqwest::Response` body (released at end of stream, on error, on drop),
 //! and everything on the response still works (`url()`, `json()`,
 //! `bytes_stream()`, `chunk()`, `error_for_status()`), and errors are
-//! reqwest's own kinds. Also: `try_layer`
-//! with a fallible factory, and a non-`Sync` inner client
-//! (`BoxCloneService`).
+//! reqwest's own kinds. Also: `try_layer` with a fallible factory, and a
+//! non-`Sync` inner client (`BoxCloneService`).
 
 mod test_utils;
 
