@@ -8,16 +8,18 @@ use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use crate::body::ResponseBody;
 use crate::lease::Lease;
+use crate::response::sealed::Attach;
+use crate::response::{observe, ClientResponse};
 
 pin_project! {
     /// Response future of [`RotatingClient`](crate::RotatingClient).
     ///
     /// Keeps the generation that serves the request alive until the inner
-    /// future finishes. On a response, the lease moves into the
-    /// [`ResponseBody`]; on an error, or if the future is dropped, it is
-    /// released at once. Errors pass through unchanged.
+    /// future finishes. On a response, the lease moves into its body (the
+    /// [`ResponseBody`](crate::ResponseBody) of an `http::Response`, or the
+    /// body of a `reqwest::Response`); on an error, or if the future is
+    /// dropped, it is released at once. Errors pass through unchanged.
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
@@ -39,13 +41,13 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<F, R, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<http::Response<B>, E>>,
-    B: http_body::Body,
+    F: Future<Output = Result<R, E>>,
+    R: ClientResponse,
     E: 'static,
 {
-    type Output = Result<http::Response<ResponseBody<B>>, E>;
+    type Output = Result<R::Leased, E>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -55,7 +57,7 @@ where
         if *this.observe {
             return Poll::Ready(observed(result, lease));
         }
-        Poll::Ready(result.map(|response| response.map(|body| ResponseBody::new(body, lease))))
+        Poll::Ready(result.map(|response| response.attach(Attach(lease))))
     }
 }
 
@@ -63,23 +65,17 @@ where
 /// trigger judges it, and the response may get a `GenerationId`.
 #[cold]
 #[inline(never)]
-fn observed<B, E>(
-    result: Result<http::Response<B>, E>,
-    lease: Option<Lease>,
-) -> Result<http::Response<ResponseBody<B>>, E>
+fn observed<R, E>(result: Result<R, E>, lease: Option<Lease>) -> Result<R::Leased, E>
 where
-    B: http_body::Body,
+    R: ClientResponse,
     E: 'static,
 {
     match result {
         Ok(mut response) => {
-            if let Some(id) = lease
-                .as_ref()
-                .and_then(|lease| lease.on_response(response.status(), response.headers()))
-            {
-                response.extensions_mut().insert(id);
+            if let Some(lease) = &lease {
+                observe(&mut response, lease);
             }
-            Ok(response.map(|body| ResponseBody::new(body, lease)))
+            Ok(response.attach(Attach(lease)))
         }
         Err(error) => {
             if let Some(lease) = &lease {

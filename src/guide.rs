@@ -204,6 +204,48 @@
 //! # }
 //! ```
 //!
+//! ## reqwest, with its own types
+//!
+//! With the `reqwest` feature, `reqwest::Client` is a client like any other,
+//! and the rotating client speaks reqwest: `reqwest::Request` in,
+//! `reqwest::Response` out, errors are `reqwest::Error`. Each generation is
+//! a fresh `reqwest::Client` with a fresh pool, so it resolves DNS anew
+//! and can load the TLS material or token in force now. reqwest's builder
+//! returns a `Result`; [`try_layer`] takes such a factory, returns its
+//! first error, and keeps the current generation serving (and counts and
+//! retries) when a later build fails. Enable TLS, `json` and `stream` on
+//! reqwest itself, in your own `Cargo.toml`.
+//!
+//! ```no_run
+//! # #[cfg(feature = "reqwest")]
+//! # async fn example() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use std::time::Duration;
+//! use tower::ServiceExt;
+//! use tower_rotating_client::RotatingClientLayer;
+//!
+//! let client = RotatingClientLayer::new(Duration::from_secs(5 * 60))
+//!     .stagger_first_rotation(true)
+//!     .try_layer(|| {
+//!         reqwest::Client::builder()
+//!             .connect_timeout(Duration::from_secs(5))
+//!             .build()
+//!     })?;
+//!
+//! let url: reqwest::Url = "http://127.0.0.1:8080/v1/models".parse()?;
+//! // As a tower service (also inside a ServiceBuilder stack) ...
+//! let request = reqwest::Request::new(reqwest::Method::GET, url.clone());
+//! let response: reqwest::Response = client.clone().oneshot(request).await?;
+//! let models: serde_json::Value = response.error_for_status()?.json().await?;
+//! // ... or like reqwest's own `Client::execute`.
+//! let response = client.execute(reqwest::Request::new(reqwest::Method::GET, url)).await?;
+//! assert!(response.url().path().ends_with("/models"));
+//! # let _ = models;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`try_layer`]: crate::RotatingClientLayer::try_layer
+//!
 //! ## A per-upstream cache of rotating clients
 //!
 //! An LLM gateway talks to several providers, each with its own base URL

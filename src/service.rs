@@ -5,14 +5,13 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use http_body::Body;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
 use crate::error::RotateError;
 use crate::future::ResponseFuture;
 use crate::generation::{self, Generation};
 use crate::lease::Lease;
+use crate::response::ClientResponse;
 use crate::rotator::Rotator;
 use crate::stats::{GenerationId, Stats};
 use crate::sync;
@@ -165,13 +164,13 @@ impl<S: 'static> fmt::Debug for RotatingClient<S> {
     }
 }
 
-impl<S, Req, B> Service<Req> for RotatingClient<S>
+impl<S, Req> Service<Req> for RotatingClient<S>
 where
-    S: Service<Req, Response = http::Response<B>> + Clone + Send + 'static,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Response: ClientResponse,
     S::Error: 'static,
-    B: Body,
 {
-    type Response = http::Response<ResponseBody<B>>;
+    type Response = <S::Response as ClientResponse>::Leased;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 

@@ -17,7 +17,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use tower::retry::Policy;
 use tower::util::BoxCloneService;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_rotating_client::{ResponseBody, RotatingClient, RotatingClientLayer};
 
 /// How the client of one generation answers.
@@ -248,4 +248,31 @@ async fn limit_and_timeout_release_generations() {
     assert_eq!(stats.in_flight(), 0, "dropped futures release their lease");
     assert_eq!(stats.generations[0].requests, CONCURRENCY as u64 + 1);
     assert_eq!(stats.rotations, 0, "timeouts are not retried errors");
+}
+
+/// A boxed inner client: `BoxCloneService` is `Send` but not `Sync`, and
+/// the rotating client over it is still `Send + Sync`, boxes again, and
+/// serves across rotations.
+#[tokio::test]
+async fn a_non_sync_boxed_inner_client_works() {
+    type Inner = BoxCloneService<Request<String>, Response<String>, BoxError>;
+    fn send_sync<T: Send + Sync + 'static>(_: &T) {}
+
+    let built = Arc::new(AtomicUsize::new(0));
+    let make = factory(&built, |_| Mode::Answer);
+    let rotating: RotatingClient<Inner> =
+        RotatingClientLayer::new(Duration::MAX).layer(move || BoxCloneService::new(make()));
+    send_sync(&rotating);
+    let boxed = tower::util::BoxCloneSyncService::new(rotating.clone());
+    for generation in 1..=3 {
+        let response = tokio::spawn(boxed.clone().oneshot(request()))
+            .await
+            .expect("the call did not panic")
+            .expect("answers");
+        assert_eq!(body(response).await, format!("generation {generation}"));
+        rotating.rotate().await.expect("builds");
+    }
+    let stats = rotating.stats();
+    assert_eq!(stats.live_generations(), 1, "{stats:?}");
+    assert_eq!(stats.in_flight(), 0);
 }

@@ -549,3 +549,45 @@ impl HealthServer {
         self.reporter.set_service_status(service, status).await;
     }
 }
+// ---------------------------------------------------------------------------
+// FixedServer
+// ---------------------------------------------------------------------------
+
+/// hyper server on `127.0.0.1:0` (HTTP/1.1 and h2c) that answers every
+/// request with the same status, `content-type` and body.
+pub struct FixedServer {
+    core: ServerCore,
+}
+
+impl FixedServer {
+    /// Binds `127.0.0.1:0` and spawns the server on the current runtime.
+    pub async fn start(status: u16, content_type: &'static str, body: &'static str) -> Self {
+        let listener = bind_loopback().await;
+        let stats = Arc::new(ConnStats::default());
+        let svc_stats = stats.clone();
+        let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+            svc_stats.requests.fetch_add(1, Ordering::SeqCst);
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", content_type)
+                .body(http_body_util::Full::new(Bytes::from_static(
+                    body.as_bytes(),
+                )))
+                .expect("valid response");
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        FixedServer {
+            core: ServerCore::serve(listener, svc, stats),
+        }
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.core.addr, path)
+    }
+
+    /// Requests received since start.
+    pub fn total_requests(&self) -> usize {
+        self.core.stats.requests.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,92 @@
+//! [`ClientResponse`]: the responses an inner client may return, and how
+//! the generation's lease is attached to each.
+
+use http::{Extensions, HeaderMap, StatusCode};
+
+use crate::body::ResponseBody;
+use crate::lease::Lease;
+
+/// A response type that [`RotatingClient`](crate::RotatingClient) can
+/// carry a generation's lease in.
+///
+/// Implemented for:
+///
+/// - `http::Response<B>` with `B: http_body::Body` (hyper, hyper-util,
+///   tonic, axum, and any tower HTTP service). The rotating client returns
+///   `http::Response<ResponseBody<B>>`.
+/// - `reqwest::Response`, with the `reqwest` feature. The rotating client
+///   returns a `reqwest::Response` whose body carries the lease.
+///
+/// The trait is sealed. An inner client that returns something else can be
+/// adapted with `tower::util::MapResponse` (or `ServiceExt::map_response`)
+/// into one that returns `http::Response<B>`; see
+/// [Which clients work](crate#which-clients-work).
+#[diagnostic::on_unimplemented(
+    message = "the inner client of a `RotatingClient` returns `{Self}`, which cannot carry a generation's lease",
+    label = "this client's response type is not supported",
+    note = "the inner client must return `http::Response<B>` with `B: http_body::Body`, or `reqwest::Response` (with the `reqwest` feature of tower-rotating-client)",
+    note = "adapt other clients with `tower::ServiceExt::map_response` (`tower::util::MapResponse`) into an `http::Response<B>`; see the crate docs, \"Which clients work\""
+)]
+pub trait ClientResponse: sealed::Sealed {
+    /// What the rotating client returns for this response: the same
+    /// response, with the lease riding in its body.
+    type Leased;
+
+    /// Moves the lease into the response's body. Only the crate can call
+    /// it: nothing outside can make an [`sealed::Attach`].
+    #[doc(hidden)]
+    fn attach(self, lease: sealed::Attach) -> Self::Leased;
+}
+
+pub(crate) mod sealed {
+    use super::{Extensions, HeaderMap, Lease, StatusCode};
+
+    /// The lease on its way into a response's body.
+    #[allow(unreachable_pub, missing_debug_implementations)]
+    pub struct Attach(pub(crate) Option<Lease>);
+
+    /// The operations the layer needs on a response. Not nameable outside
+    /// the crate, so `ClientResponse` cannot be implemented elsewhere.
+    #[allow(unreachable_pub)]
+    pub trait Sealed: Sized {
+        /// The response head, for the failure trigger.
+        fn status(&self) -> StatusCode;
+
+        /// The response headers, for the failure trigger.
+        fn headers(&self) -> &HeaderMap;
+
+        /// Where the `GenerationId` extension goes.
+        fn extensions_mut(&mut self) -> &mut Extensions;
+    }
+}
+
+/// Lets the generation judge the response head (failure trigger) and tag
+/// it (`generation_extension`).
+pub(crate) fn observe<R: ClientResponse>(response: &mut R, lease: &Lease) {
+    if let Some(id) = lease.on_response(response.status(), response.headers()) {
+        response.extensions_mut().insert(id);
+    }
+}
+
+impl<B: http_body::Body> ClientResponse for http::Response<B> {
+    type Leased = http::Response<ResponseBody<B>>;
+
+    #[inline]
+    fn attach(self, lease: sealed::Attach) -> http::Response<ResponseBody<B>> {
+        self.map(|body| ResponseBody::new(body, lease.0))
+    }
+}
+
+impl<B: http_body::Body> sealed::Sealed for http::Response<B> {
+    fn status(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+
+    fn extensions_mut(&mut self) -> &mut Extensions {
+        self.extensions_mut()
+    }
+}
