@@ -1,19 +1,25 @@
 //! Renew a long-lived HTTP client on a TTL without cutting a single
 //! in-flight response.
 //!
-//! Long-lived clients have to be rebuilt from time to time: DNS changes,
-//! backends scale, HTTP/2 connections stay pinned to one backend,
-//! credentials and TLS material rotate, pools go bad. The usual fix is to
-//! rebuild the client every N minutes, and the usual bug comes with it: the
-//! old client is torn down while responses are still streaming through it.
-//! A proxy that closes its evicted client every hour cuts every stream that
-//! was open at that moment, and because replicas start together, the whole
-//! fleet does it in the same second.
+//! A long-lived client keeps its connections to whatever its host name
+//! resolved to when they were opened: pooled HTTP/1.1 connections and the
+//! one HTTP/2 connection stay on the old backends, so backends added behind
+//! DNS (a scale-up, a blue/green switch, a failover) get no traffic until
+//! the client is rebuilt. Credentials, client certificates and proxy
+//! settings fixed at build time are the next reason to rebuild. The usual
+//! fix is to rebuild the client every N minutes, and the usual bug comes
+//! with it: the old client is torn down while responses are still
+//! streaming through it. hyper-util's, reqwest's and tonic's clients let
+//! an open response finish when they are dropped, but a client that closes
+//! its connections explicitly, a custom pool, or a graceful-close hook cuts
+//! every stream open at that moment.
 //!
 //! [`RotatingClientLayer`] turns a *factory* of client services into one
 //! [`RotatingClient`] service. It swaps in a freshly built client every TTL
-//! (with jitter), and keeps each retired client alive exactly as long as a
-//! response that came from it is still in flight.
+//! (with jitter) or on [`rotate`](RotatingClient::rotate), and keeps each
+//! retired client alive exactly as long as a response that came from it is
+//! still in flight. The [operator's guide](guide) starts with the scale-up
+//! recipe.
 //!
 //! # Example
 //!
@@ -130,8 +136,9 @@
 //!
 //! 1. **Built.** The first generation is built inside
 //!    [`layer`](tower_layer::Layer::layer) (or
-//!    [`layer_async`](RotatingClientLayer::layer_async)), so its failure
-//!    reaches the caller. Later ones are built off the request path by a
+//!    [`try_layer`](RotatingClientLayer::try_layer) and
+//!    [`layer_async`](RotatingClientLayer::layer_async) for factories that
+//!    can fail), so its failure reaches the caller. Later ones are built off the request path by a
 //!    background task: a sync factory is called when the current generation
 //!    expires; an async factory is started [`build_ahead`] of expiry, so
 //!    that it has connected by the time it becomes current. A build that
@@ -186,8 +193,8 @@
 //!   the end of the body, and one relaxed request counter. A handle that
 //!   moves to a new generation (every fresh clone, as `oneshot` on a clone
 //!   does) also reads the arc-swap slot and clones the client; see
-//!   [`RotatingClient`] ("Cost per request"). The repository's
-//!   BENCHMARKS.md has the figures.
+//!   [`RotatingClient`] ("Cost per request"). The benchmarks (`cargo
+//!   bench`) measure each against the bare client.
 //!
 //! # Other triggers and observability
 //!
