@@ -6,19 +6,17 @@
 //! seen failing against.
 
 use std::future::poll_fn;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 use tower_rotating_client::{CallOutcome, GenerationId, RotatingClientLayer};
-use tower_test::mock;
 
 mod test_utils;
 use test_utils::{
     advance, next_data, open_request, open_response, open_stream, served_by, settle, BodyError,
-    Builds, RetireLog, ScriptBody, Step,
+    Builds, Mocks, RetireLog, ScriptBody, Step,
 };
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -67,26 +65,19 @@ enum Ending {
     Drop,
 }
 
-type MockClient = mock::Mock<Request, Response>;
-type MockHandle = mock::Handle<Request, Response>;
-
 /// Checks every step of the lease lifecycle of one response whose
 /// generation is rotated away while the response is in flight: held while
 /// the future is pending, moved into the body, held while the body
 /// streams, released at the `ending`, and the generation retired then.
 async fn lease_lifecycle(path: Path, ending: Ending) {
     let context = format!("{path:?}, {ending:?}");
-    let handles: Arc<Mutex<Vec<MockHandle>>> = Arc::default();
+    let mocks = Mocks::<Request, Response>::default();
     let retired = RetireLog::default();
-    let client = path.layer().on_retire(retired.hook()).layer({
-        let handles = Arc::clone(&handles);
-        move || -> MockClient {
-            let (mock, handle) = mock::pair();
-            handles.lock().expect("not poisoned").push(handle);
-            mock
-        }
-    });
-    let mut first = handles.lock().expect("not poisoned").remove(0);
+    let client = path
+        .layer()
+        .on_retire(retired.hook())
+        .layer(mocks.factory());
+    let mut first = mocks.take(1);
 
     let (tx, request) = open_request();
     let call = tokio::spawn(client.clone().oneshot(request));

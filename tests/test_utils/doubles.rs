@@ -1,6 +1,6 @@
 //! In-memory test doubles: a scripted body, a client that tags responses
-//! with the build that served them, a build counter, and paused-time
-//! helpers. They use no item of the crate, so that the crate's own unit
+//! with the build that served them and counts its live copies, a build
+//! counter, tower-test mocks one per build, and paused-time helpers. They use no item of the crate, so that the crate's own unit
 //! tests can include this file too.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tower_service::Service;
+use tower_test::mock;
 
 /// One step of a scripted body.
 #[derive(Debug, Clone)]
@@ -274,9 +275,44 @@ impl Builds {
         self.count.load(Ordering::SeqCst)
     }
 
-    /// How many copies of the client built `id`th are alive.
+    /// How many copies of build `id`'s client are alive.
     pub fn live_copies(&self, id: usize) -> usize {
         self.copies.of(id)
+    }
+}
+
+/// Builds tower-test mock clients, one per build, and keeps the handle of
+/// each build (see [`Mocks::take`]). Clones share the handles.
+pub struct Mocks<Req, Resp>(Arc<Mutex<Vec<mock::Handle<Req, Resp>>>>);
+
+impl<Req, Resp> Default for Mocks<Req, Resp> {
+    fn default() -> Self {
+        Mocks(Arc::default())
+    }
+}
+
+impl<Req, Resp> Clone for Mocks<Req, Resp> {
+    fn clone(&self) -> Self {
+        Mocks(Arc::clone(&self.0))
+    }
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Mocks<Req, Resp> {
+    pub fn factory(&self) -> impl Fn() -> mock::Mock<Req, Resp> + Send + Sync + 'static {
+        let handles = Arc::clone(&self.0);
+        move || {
+            let (mock, handle) = mock::pair();
+            handles.lock().expect("not poisoned").push(handle);
+            mock
+        }
+    }
+
+    /// Takes the handle of the `n`th build (from 1).
+    pub fn take(&self, n: usize) -> mock::Handle<Req, Resp> {
+        let mut handles = self.0.lock().expect("not poisoned");
+        let (mock, handle) = mock::pair();
+        drop(mock);
+        std::mem::replace(&mut handles[n - 1], handle)
     }
 }
 
