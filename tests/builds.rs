@@ -27,7 +27,7 @@ async fn a_failing_probe_keeps_the_old_generation_and_backs_off() {
             let id = builds.fetch_add(1, Ordering::SeqCst) + 1;
             let (healthy, probes) = (Arc::clone(&healthy), Arc::clone(&probes));
             async move {
-                let client = TagClient { id };
+                let client = TagClient::new(id);
                 // The probe sends a real request through the new client.
                 probes.fetch_add(1, Ordering::SeqCst);
                 let response = match client

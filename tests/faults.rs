@@ -481,7 +481,7 @@ async fn an_async_factory_failing_k_times_in_a_row_then_recovering() {
                 if (2..2 + K).contains(&build) {
                     Err(std::io::Error::other(format!("build {build} fails")))
                 } else {
-                    Ok(TagClient { id: build as usize })
+                    Ok(TagClient::new(build as usize))
                 }
             }
         }
@@ -533,7 +533,7 @@ async fn an_async_factory_slower_than_the_ttl_rotates_at_build_pace() {
                 if build > 1 {
                     sleep(BUILD).await;
                 }
-                Ok::<_, Infallible>(TagClient { id: build as usize })
+                Ok::<_, Infallible>(TagClient::new(build as usize))
             }
         }
     };
@@ -588,7 +588,7 @@ async fn hanging_builds(
                 if hangs(build) {
                     std::future::pending::<()>().await;
                 }
-                Ok::<_, Infallible>(TagClient { id: build as usize })
+                Ok::<_, Infallible>(TagClient::new(build as usize))
             }
         }
     };
@@ -697,7 +697,7 @@ async fn a_panicking_sync_factory_never_reaches_a_request() {
             if (2..=3).contains(&build) {
                 panic!("injected factory panic {build}");
             }
-            TagClient { id: build as usize }
+            TagClient::new(build as usize)
         }
     };
     let client = RotatingClientLayer::new(Duration::from_millis(100))
@@ -737,7 +737,7 @@ async fn a_panicking_async_factory_never_reaches_a_request() {
             assert_ne!(build, 2, "injected factory panic");
             async move {
                 assert_ne!(build, 3, "injected build future panic");
-                Ok::<_, Infallible>(TagClient { id: build as usize })
+                Ok::<_, Infallible>(TagClient::new(build as usize))
             }
         }
     };

@@ -1,240 +1,28 @@
 //! One test per documented guarantee that a mutation audit found
-//! undefended, each on paused time, with in-memory doubles defined here.
+//! undefended, each on paused time, with the in-memory doubles of
+//! `test_utils`.
 //!
 //! Every test names, in its doc comment, the change to the crate it was
 //! seen failing against.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::poll_fn;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceExt};
-use tower_rotating_client::{
-    CallOutcome, GenerationId, GenerationStats, RotatingClient, RotatingClientLayer,
+use tower_rotating_client::{CallOutcome, GenerationId, RotatingClientLayer};
+
+mod test_utils;
+use test_utils::{
+    advance, next_data, open_request, open_response, open_stream, served_by, settle, BodyError,
+    Builds, Mocks, RetireLog, ScriptBody, Step,
 };
-use tower_test::mock;
 
 const TTL: Duration = Duration::from_secs(3600);
 
-// ---------------------------------------------------------------------------
-// Doubles
-// ---------------------------------------------------------------------------
-
-/// An error a [`ChannelBody`] can be told to return.
-#[derive(Debug, PartialEq, Eq)]
-struct BodyError;
-
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("scripted body error")
-    }
-}
-
-impl std::error::Error for BodyError {}
-
-/// One step fed to a [`ChannelBody`].
-type Step = Result<Bytes, BodyError>;
-
-/// A streaming body scripted through a channel: each step sent becomes a
-/// frame (or an error); the stream ends when the sender is dropped.
-struct ChannelBody(mpsc::UnboundedReceiver<Step>);
-
-impl ChannelBody {
-    fn new() -> (mpsc::UnboundedSender<Step>, Self) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (tx, ChannelBody(rx))
-    }
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|step| step.map(|step| step.map(Frame::data)))
-    }
-}
-
-type Request = http::Request<ChannelBody>;
-type Response = http::Response<ChannelBody>;
-
-/// Answers each request with the body the request carries, tagged with the
-/// client's build number in `x-client`. Counts its live copies per build
-/// number, so a test can see when every copy of one client is gone.
-struct EchoClient {
-    id: usize,
-    copies: Copies,
-}
-
-/// Live copies of each [`EchoClient`], by build number.
-#[derive(Clone, Default)]
-struct Copies(Arc<Mutex<HashMap<usize, usize>>>);
-
-impl Copies {
-    fn add(&self, id: usize) {
-        *self.0.lock().expect("not poisoned").entry(id).or_default() += 1;
-    }
-
-    fn remove(&self, id: usize) {
-        *self.0.lock().expect("not poisoned").entry(id).or_default() -= 1;
-    }
-
-    fn of(&self, id: usize) -> usize {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .get(&id)
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-impl Clone for EchoClient {
-    fn clone(&self) -> Self {
-        self.copies.add(self.id);
-        EchoClient {
-            id: self.id,
-            copies: self.copies.clone(),
-        }
-    }
-}
-
-impl Drop for EchoClient {
-    fn drop(&mut self) {
-        self.copies.remove(self.id);
-    }
-}
-
-impl Service<Request> for EchoClient {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        let mut response = http::Response::new(request.into_body());
-        response
-            .headers_mut()
-            .insert("x-client", self.id.to_string().parse().expect("a number"));
-        std::future::ready(Ok(response))
-    }
-}
-
-/// Builds [`EchoClient`]s numbered from 1 (the generation ids, since no
-/// build fails here).
-#[derive(Clone, Default)]
-struct Builds {
-    count: Arc<AtomicUsize>,
-    copies: Copies,
-}
-
-impl Builds {
-    fn factory(&self) -> impl Fn() -> EchoClient + Send + Sync + 'static {
-        let builds = self.clone();
-        move || {
-            let id = builds.count.fetch_add(1, Ordering::SeqCst) + 1;
-            builds.copies.add(id);
-            EchoClient {
-                id,
-                copies: builds.copies.clone(),
-            }
-        }
-    }
-}
-
-/// Records every retirement the hook sees.
-#[derive(Clone, Default)]
-struct Retired(Arc<Mutex<Vec<GenerationStats>>>);
-
-impl Retired {
-    fn hook<S>(&self) -> impl Fn(S, GenerationStats) + Send + Sync + 'static {
-        let log = Arc::clone(&self.0);
-        move |_client: S, generation: GenerationStats| {
-            log.lock().expect("not poisoned").push(generation)
-        }
-    }
-
-    fn ids(&self) -> Vec<u64> {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|generation| generation.id.0)
-            .collect()
-    }
-
-    fn all(&self) -> Vec<GenerationStats> {
-        self.0.lock().expect("not poisoned").clone()
-    }
-}
-
-fn served_by<B>(response: &http::Response<B>) -> usize {
-    response.headers()["x-client"]
-        .to_str()
-        .expect("ascii")
-        .parse()
-        .expect("a number")
-}
-
-/// Lets the background task act.
-async fn settle() {
-    for _ in 0..8 {
-        tokio::task::yield_now().await;
-    }
-}
-
-async fn advance(by: Duration) {
-    settle().await;
-    tokio::time::advance(by).await;
-    settle().await;
-}
-
-/// Opens a streaming response through a fresh clone of `client`.
-async fn open_stream(
-    client: &RotatingClient<EchoClient>,
-) -> (
-    mpsc::UnboundedSender<Step>,
-    http::Response<tower_rotating_client::ResponseBody<ChannelBody>>,
-) {
-    let (tx, body) = ChannelBody::new();
-    let response = client
-        .clone()
-        .oneshot(http::Request::new(body))
-        .await
-        .expect("infallible");
-    (tx, response)
-}
-
-/// Reads the next frame, which must be data.
-async fn next_data<B>(body: &mut B) -> Bytes
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Debug,
-{
-    body.frame()
-        .await
-        .expect("a frame")
-        .expect("not an error")
-        .into_data()
-        .expect("data")
-}
+type Request = http::Request<ScriptBody>;
+type Response = http::Response<ScriptBody>;
 
 // ---------------------------------------------------------------------------
 // 1. The lease lifecycle, on the plain and on the observing path
@@ -277,29 +65,22 @@ enum Ending {
     Drop,
 }
 
-type MockClient = mock::Mock<Request, Response>;
-type MockHandle = mock::Handle<Request, Response>;
-
 /// Checks every step of the lease lifecycle of one response whose
 /// generation is rotated away while the response is in flight: held while
 /// the future is pending, moved into the body, held while the body
 /// streams, released at the `ending`, and the generation retired then.
 async fn lease_lifecycle(path: Path, ending: Ending) {
     let context = format!("{path:?}, {ending:?}");
-    let handles: Arc<Mutex<Vec<MockHandle>>> = Arc::default();
-    let retired = Retired::default();
-    let client = path.layer().on_retire(retired.hook()).layer({
-        let handles = Arc::clone(&handles);
-        move || -> MockClient {
-            let (mock, handle) = mock::pair();
-            handles.lock().expect("not poisoned").push(handle);
-            mock
-        }
-    });
-    let mut first = handles.lock().expect("not poisoned").remove(0);
+    let mocks = Mocks::<Request, Response>::default();
+    let retired = RetireLog::default();
+    let client = path
+        .layer()
+        .on_retire(retired.hook())
+        .layer(mocks.factory());
+    let mut first = mocks.take(1);
 
-    let (tx, body) = ChannelBody::new();
-    let call = tokio::spawn(client.clone().oneshot(http::Request::new(body)));
+    let (tx, request) = open_request();
+    let call = tokio::spawn(client.clone().oneshot(request));
     let (request, respond) = first.next_request().await.expect("the request arrives");
     assert_eq!(client.stats().in_flight(), 1, "{context}: the future holds");
 
@@ -331,7 +112,7 @@ async fn lease_lifecycle(path: Path, ending: Ending) {
     );
 
     for chunk in ["a", "b"] {
-        tx.send(Ok(Bytes::from_static(chunk.as_bytes())))
+        tx.send(Step::Data(Bytes::from_static(chunk.as_bytes())))
             .expect("the body is alive");
         assert_eq!(next_data(&mut body).await, chunk, "{context}");
         assert!(
@@ -353,9 +134,14 @@ async fn lease_lifecycle(path: Path, ending: Ending) {
             assert!(!body.holds_generation(), "{context}: released at the end");
         }
         Ending::Error => {
-            tx.send(Err(BodyError)).expect("the body is alive");
+            tx.send(Step::Error("scripted".into()))
+                .expect("the body is alive");
             let error = body.frame().await.expect("a frame").expect_err("an error");
-            assert_eq!(error, BodyError, "{context}: the error passes through");
+            assert_eq!(
+                error,
+                BodyError("scripted".into()),
+                "{context}: the error passes through"
+            );
             assert!(!body.holds_generation(), "{context}: released on error");
         }
         Ending::Drop => drop(body),
@@ -395,7 +181,7 @@ async fn streaming_bodies_hold_their_generation_on_every_response_path() {
 /// the new current generation).
 #[tokio::test(start_paused = true)]
 async fn a_ready_handle_polled_again_after_a_rotation_calls_the_generation_it_reserved() {
-    let (builds, retired) = (Builds::default(), Retired::default());
+    let (builds, retired) = (Builds::default(), RetireLog::default());
     let client = RotatingClientLayer::new(TTL)
         .jitter(0.0)
         .on_retire(retired.hook())
@@ -417,23 +203,16 @@ async fn a_ready_handle_polled_again_after_a_rotation_calls_the_generation_it_re
         retired.ids().is_empty(),
         "still reserved after the second poll"
     );
-    let (tx, body) = ChannelBody::new();
+    let (tx, request) = open_request();
     drop(tx);
-    let response = handle
-        .call(http::Request::new(body))
-        .await
-        .expect("infallible");
+    let response = handle.call(request).await.expect("infallible");
     assert_eq!(served_by(&response), 1, "call uses the reserved generation");
     drop(response);
     assert_eq!(retired.ids(), vec![1], "released once the call is done");
 
     // The next request through the same handle moves to generation 2.
-    let (_tx, body) = ChannelBody::new();
-    let response = handle
-        .ready()
-        .await
-        .expect("infallible")
-        .call(http::Request::new(body));
+    let (_tx, request) = open_request();
+    let response = handle.ready().await.expect("infallible").call(request);
     assert_eq!(served_by(&response.await.expect("infallible")), 2);
 }
 
@@ -446,17 +225,17 @@ async fn a_ready_handle_polled_again_after_a_rotation_calls_the_generation_it_re
 #[tokio::test(start_paused = true)]
 async fn rotate_waits_for_room_under_the_cap() {
     const CAP: usize = 2;
-    let (builds, retired) = (Builds::default(), Retired::default());
+    let (builds, retired) = (Builds::default(), RetireLog::default());
     let client = RotatingClientLayer::new(TTL)
         .jitter(0.0)
         .max_live_generations(CAP)
         .on_retire(retired.hook())
         .layer(builds.factory());
 
-    let (first_tx, first) = open_stream(&client).await;
+    let (first_tx, first) = open_response(&client).await;
     assert_eq!(served_by(&first), 1);
     assert_eq!(client.rotate().await.expect("builds"), GenerationId(2));
-    let (_second_tx, second) = open_stream(&client).await;
+    let (_second_tx, second) = open_response(&client).await;
     assert_eq!(served_by(&second), 2);
     assert_eq!(
         client.stats().live_generations(),
@@ -503,14 +282,13 @@ async fn rotate_waits_for_room_under_the_cap() {
 /// task in `Shared::install`, instead of `Arc::downgrade`).
 #[tokio::test(start_paused = true)]
 async fn a_generation_drained_before_its_timeout_retires_at_once_not_forced() {
-    let (builds, retired) = (Builds::default(), Retired::default());
+    let (builds, retired) = (Builds::default(), RetireLog::default());
     let client = RotatingClientLayer::new(TTL)
         .jitter(0.0)
         .drain_timeout(Duration::from_secs(60))
         .on_retire(retired.hook())
         .layer(builds.factory());
-    let (tx, response) = open_stream(&client).await;
-    let mut body = response.into_body();
+    let (tx, mut body) = open_stream(&client).await;
     client.rotate().await.expect("builds");
     advance(Duration::from_secs(5)).await;
     assert!(retired.ids().is_empty(), "the stream is still open");
@@ -551,26 +329,25 @@ async fn a_generation_drained_before_its_timeout_retires_at_once_not_forced() {
 /// template (`this.client.load_full()` instead of `this.client.swap(None)`).
 #[tokio::test(start_paused = true)]
 async fn at_the_drain_timeout_the_layer_lets_go_of_its_client() {
-    let (builds, retired) = (Builds::default(), Retired::default());
+    let (builds, retired) = (Builds::default(), RetireLog::default());
     let client = RotatingClientLayer::new(TTL)
         .jitter(0.0)
         .drain_timeout(Duration::from_secs(60))
         .on_retire(retired.hook())
         .layer(builds.factory());
-    let (tx, response) = open_stream(&client).await;
-    let mut body = response.into_body();
+    let (tx, mut body) = open_stream(&client).await;
     assert_eq!(
-        builds.copies.of(1),
+        builds.live_copies(1),
         1,
         "only the layer holds client 1: the body needs no copy"
     );
     client.rotate().await.expect("builds");
     advance(Duration::from_secs(59)).await;
-    assert_eq!(builds.copies.of(1), 1, "kept while draining");
+    assert_eq!(builds.live_copies(1), 1, "kept while draining");
 
     advance(Duration::from_secs(1)).await;
     assert_eq!(
-        builds.copies.of(1),
+        builds.live_copies(1),
         0,
         "at the timeout every copy of client 1 is dropped"
     );
@@ -580,7 +357,7 @@ async fn at_the_drain_timeout_the_layer_lets_go_of_its_client() {
     assert!(retired.ids().is_empty(), "the hook never sees it");
 
     // The open response is not touched by the layer.
-    tx.send(Ok(Bytes::from_static(b"late")))
+    tx.send(Step::Data(Bytes::from_static(b"late")))
         .expect("the body is alive");
     assert_eq!(next_data(&mut body).await, "late");
     drop(tx);
@@ -599,15 +376,14 @@ async fn at_the_drain_timeout_the_layer_lets_go_of_its_client() {
 #[tokio::test(start_paused = true)]
 async fn a_forced_retirement_then_the_end_of_the_stream_retires_once() {
     const CAP: usize = 2;
-    let (builds, retired) = (Builds::default(), Retired::default());
+    let (builds, retired) = (Builds::default(), RetireLog::default());
     let client = RotatingClientLayer::new(TTL)
         .jitter(0.0)
         .max_live_generations(CAP)
         .drain_timeout(Duration::from_secs(10))
         .on_retire(retired.hook())
         .layer(builds.factory());
-    let (tx, response) = open_stream(&client).await;
-    let mut body = response.into_body();
+    let (tx, mut body) = open_stream(&client).await;
     client.rotate().await.expect("builds");
     advance(Duration::from_secs(10)).await;
     let stats = client.stats();
@@ -625,13 +401,13 @@ async fn a_forced_retirement_then_the_end_of_the_stream_retires_once() {
 
     // The cap still counts right: generation 2 streaming, 3 current and
     // streaming: a further rotation must wait.
-    let (_tx2, second) = open_stream(&client).await;
+    let (_tx2, second) = open_response(&client).await;
     assert_eq!(served_by(&second), 2);
     assert_eq!(
         client.rotate().await.expect("room for one more"),
         GenerationId(3)
     );
-    let (_tx3, third) = open_stream(&client).await;
+    let (_tx3, third) = open_response(&client).await;
     assert_eq!(served_by(&third), 3);
     let rotate = tokio::spawn({
         let client = client.clone();
@@ -658,19 +434,19 @@ async fn a_forced_retirement_then_the_end_of_the_stream_retires_once() {
 /// upgrades, since a stream keeps generation 1 alive.
 #[tokio::test(start_paused = true)]
 async fn a_handle_moves_to_the_new_generation_even_while_its_old_one_is_alive() {
-    let (builds, retired) = (Builds::default(), Retired::default());
+    let (builds, retired) = (Builds::default(), RetireLog::default());
     let client = RotatingClientLayer::new(TTL)
         .jitter(0.0)
         .on_retire(retired.hook())
         .layer(builds.factory());
     // A long-lived worker handle, reused for every request.
     let mut worker = client.clone();
-    let (tx, body) = ChannelBody::new();
+    let (tx, request) = open_request();
     let streaming = worker
         .ready()
         .await
         .expect("infallible")
-        .call(http::Request::new(body))
+        .call(request)
         .await
         .expect("infallible");
     assert_eq!(served_by(&streaming), 1);
@@ -682,12 +458,12 @@ async fn a_handle_moves_to_the_new_generation_even_while_its_old_one_is_alive() 
             !retired.ids().contains(&1),
             "generation 1 is alive: its stream is open"
         );
-        let (_tx, body) = ChannelBody::new();
+        let (_tx, request) = open_request();
         let response = worker
             .ready()
             .await
             .expect("infallible")
-            .call(http::Request::new(body))
+            .call(request)
             .await
             .expect("infallible");
         assert_eq!(
@@ -719,7 +495,7 @@ async fn a_handle_moves_to_the_new_generation_even_while_its_old_one_is_alive() 
 #[tokio::test(start_paused = true)]
 async fn instances_created_together_rotate_at_different_moments() {
     const YEAR: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-    let retired: Vec<Retired> = (0..2).map(|_| Retired::default()).collect();
+    let retired: Vec<RetireLog> = (0..2).map(|_| RetireLog::default()).collect();
     let clients: Vec<_> = retired
         .iter()
         .map(|retired| {

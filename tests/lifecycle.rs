@@ -5,7 +5,6 @@
 
 mod test_utils;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -15,7 +14,7 @@ use tower_rotating_client::{GenerationId, ResponseBody, RotatingClient, Rotating
 use tower_test::mock;
 
 use test_utils::{
-    advance, live, open_request, open_stream, request, served_by, settle, Builds, RetireLog,
+    advance, live, open_request, open_stream, request, served_by, settle, Builds, Mocks, RetireLog,
     ScriptBody, Step, TagClient,
 };
 
@@ -236,27 +235,13 @@ fn mocked(
     layer: RotatingClientLayer,
 ) -> (
     RotatingClient<MockClient>,
-    Arc<Mutex<Vec<MockHandle>>>,
+    Mocks<http::Request<&'static str>, http::Response<ScriptBody>>,
     RetireLog,
 ) {
-    let handles: Arc<Mutex<Vec<MockHandle>>> = Arc::default();
+    let mocks = Mocks::default();
     let retired = RetireLog::default();
-    let client = layer.on_retire(retired.hook()).layer({
-        let handles = Arc::clone(&handles);
-        move || {
-            let (mock, handle) = mock::pair();
-            handles.lock().expect("not poisoned").push(handle);
-            mock
-        }
-    });
-    (client, handles, retired)
-}
-
-fn take_handle(handles: &Mutex<Vec<MockHandle>>, generation: usize) -> MockHandle {
-    let mut handles = handles.lock().expect("not poisoned");
-    let (mock, handle) = mock::pair();
-    drop(mock);
-    std::mem::replace(&mut handles[generation - 1], handle)
+    let client = layer.on_retire(retired.hook()).layer(mocks.factory());
+    (client, mocks, retired)
 }
 
 /// Expects the next request on `handle` to carry `body`, and answers it.
@@ -276,7 +261,7 @@ async fn a_pending_response_future_holds_its_generation_until_dropped() {
     let mut svc = client.clone();
     svc.ready().await.expect("ready");
     let future = svc.call(http::Request::new("hello"));
-    let mut first = take_handle(&handles, 1);
+    let mut first = handles.take(1);
     let (_request, _send) = first
         .next_request()
         .await
@@ -301,7 +286,7 @@ async fn an_inner_call_error_passes_through_and_releases() {
     let mut svc = client.clone();
     svc.ready().await.expect("ready");
     let future = svc.call(http::Request::new("hello"));
-    let mut first = take_handle(&handles, 1);
+    let mut first = handles.take(1);
     let (_request, send) = first.next_request().await.expect("request");
     client.rotate().await.expect("builds");
     send.send_error(std::io::Error::other("upstream said no"));
@@ -313,7 +298,7 @@ async fn an_inner_call_error_passes_through_and_releases() {
 #[tokio::test(start_paused = true)]
 async fn poll_ready_pins_the_generation_that_call_uses_across_a_swap() {
     let (client, handles, _retired) = mocked(RotatingClientLayer::new(TTL));
-    let mut first = take_handle(&handles, 1);
+    let mut first = handles.take(1);
     let mut svc = client.clone();
     svc.ready().await.expect("ready on generation 1");
     client.rotate().await.expect("builds");
@@ -323,7 +308,7 @@ async fn poll_ready_pins_the_generation_that_call_uses_across_a_swap() {
     future.await.expect("response");
 
     // The next poll_ready moves the same handle to generation 2.
-    let mut second = take_handle(&handles, 2);
+    let mut second = handles.take(2);
     svc.ready().await.expect("ready on generation 2");
     let future = svc.call(http::Request::new("moved"));
     respond(&mut second, "moved").await;
@@ -333,7 +318,7 @@ async fn poll_ready_pins_the_generation_that_call_uses_across_a_swap() {
 #[tokio::test(start_paused = true)]
 async fn a_handle_pending_in_poll_ready_reserves_nothing() {
     let (client, handles, retired) = mocked(RotatingClientLayer::new(TTL));
-    let mut first = take_handle(&handles, 1);
+    let mut first = handles.take(1);
     first.allow(0);
     let mut svc = tokio_test::task::spawn(client.clone());
     tokio_test::assert_pending!(svc.enter(|cx, mut svc| svc.as_mut().poll_ready(cx)));
@@ -342,7 +327,7 @@ async fn a_handle_pending_in_poll_ready_reserves_nothing() {
     assert_eq!(retired.ids(), vec![1], "a pending handle does not pin");
     tokio_test::assert_ready_ok!(svc.enter(|cx, mut svc| svc.as_mut().poll_ready(cx)));
     let future = svc.call(http::Request::new("after"));
-    let mut second = take_handle(&handles, 2);
+    let mut second = handles.take(2);
     respond(&mut second, "after").await;
     future.await.expect("response");
 }

@@ -10,19 +10,16 @@
 //! `set_global_default`, and one test: every event of the process is
 //! captured, so nothing else may run here.
 
-use std::convert::Infallible;
 use std::io::Write;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
 use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+
+mod test_utils;
+use test_utils::{advance, open_stream, settle, Builds, TagClient};
 
 /// Collects formatted events.
 #[derive(Clone, Default)]
@@ -61,65 +58,15 @@ fn line<'a>(lines: &'a [String], message: &str, field: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no `{message}` event with {field} in {lines:#?}"))
 }
 
-/// A body fed through a channel: open until the sender is dropped.
-struct ChannelBody(mpsc::UnboundedReceiver<Bytes>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|data| data.map(|data| Ok(Frame::data(data))))
-    }
-}
-
-/// Echoes the request body back as the response body.
-#[derive(Clone)]
-struct EchoClient;
-
-impl Service<http::Request<ChannelBody>> for EchoClient {
-    type Response = http::Response<ChannelBody>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<ChannelBody>) -> Self::Future {
-        std::future::ready(Ok(http::Response::new(request.into_body())))
-    }
-}
-
-/// Lets the background task act.
-async fn settle() {
-    for _ in 0..4 {
-        tokio::task::yield_now().await;
-    }
-}
-
 /// One stream that outlives a TTL rotation by five seconds, then ends.
 async fn one_lifecycle() {
-    let client: RotatingClient<EchoClient> = RotatingClientLayer::new(Duration::from_secs(60))
+    let client: RotatingClient<TagClient> = RotatingClientLayer::new(Duration::from_secs(60))
         .jitter(0.0)
-        .layer(|| EchoClient);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut body = client
-        .clone()
-        .oneshot(http::Request::new(ChannelBody(rx)))
-        .await
-        .expect("infallible")
-        .into_body();
+        .layer(Builds::default().factory());
+    let (tx, mut body) = open_stream(&client).await;
     settle().await;
-    tokio::time::advance(Duration::from_secs(60)).await;
-    settle().await;
-    tokio::time::advance(Duration::from_secs(5)).await;
-    settle().await;
+    advance(Duration::from_secs(60)).await;
+    advance(Duration::from_secs(5)).await;
     drop(tx);
     assert!(body.frame().await.is_none(), "the stream ends");
     drop(client);

@@ -9,9 +9,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tower_rotating_client::{CallOutcome, GenerationId, RotatingClient, RotatingClientLayer};
-use tower_test::mock;
 
-use test_utils::{advance, served_by, settle, Builds, ScriptBody, TagClient};
+use test_utils::{advance, served_by, settle, Builds, Mocks, ScriptBody, TagClient};
 
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -131,21 +130,13 @@ async fn consecutive_failures_rotate_with_a_minimum_interval() {
 
 #[tokio::test(start_paused = true)]
 async fn inner_errors_count_as_failures_through_a_downcast() {
-    type Mock = mock::Mock<http::Request<()>, http::Response<ScriptBody>>;
-    let handles = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mocks = Mocks::<http::Request<()>, http::Response<ScriptBody>>::default();
     let client = RotatingClientLayer::new(TTL)
         .rotate_on_failures(2, Duration::ZERO, |outcome: &CallOutcome<'_>| {
             outcome.error::<tower_rotating_client::BoxError>().is_some()
         })
-        .layer({
-            let handles = std::sync::Arc::clone(&handles);
-            move || -> Mock {
-                let (mock, handle) = mock::pair();
-                handles.lock().expect("not poisoned").push(handle);
-                mock
-            }
-        });
-    let mut first = handles.lock().expect("not poisoned").remove(0);
+        .layer(mocks.factory());
+    let mut first = mocks.take(1);
     for _ in 0..2 {
         let call = tokio::spawn(client.clone().oneshot(http::Request::new(())));
         let (_, send) = first.next_request().await.expect("a request");

@@ -1,21 +1,23 @@
 //! In-memory test doubles: a scripted body, a client that tags responses
-//! with the build that served them, a build counter, and paused-time
-//! helpers. They use no item of the crate, so that the crate's own unit
+//! with the build that served them and counts its live copies, a build
+//! counter, tower-test mocks one per build, and paused-time helpers. They use no item of the crate, so that the crate's own unit
 //! tests can include this file too.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tower_service::Service;
+use tower_test::mock;
 
 /// One step of a scripted body.
 #[derive(Debug, Clone)]
@@ -155,9 +157,63 @@ impl Body for ScriptBody {
 /// A client that answers each request with the body the request carries,
 /// tagged with the id of the client (the build number) in `x-client`, and
 /// with the status named by the request's `x-status` header, if any.
-#[derive(Debug, Clone)]
+///
+/// Every copy counts itself in the live copies of its id (see
+/// [`Builds::live_copies`]), so a test can see when every copy of one
+/// client is gone.
+#[derive(Debug)]
 pub struct TagClient {
     pub id: usize,
+    copies: Copies,
+}
+
+impl TagClient {
+    /// A client with this id, counted on its own.
+    pub fn new(id: usize) -> Self {
+        TagClient::counted(id, Copies::default())
+    }
+
+    fn counted(id: usize, copies: Copies) -> Self {
+        copies.add(id);
+        TagClient { id, copies }
+    }
+}
+
+impl Clone for TagClient {
+    fn clone(&self) -> Self {
+        TagClient::counted(self.id, self.copies.clone())
+    }
+}
+
+impl Drop for TagClient {
+    fn drop(&mut self) {
+        self.copies.remove(self.id);
+    }
+}
+
+/// Live copies of [`TagClient`]s, by id. Clones share the counts.
+#[derive(Debug, Clone, Default)]
+struct Copies(Arc<Mutex<HashMap<usize, usize>>>);
+
+impl Copies {
+    fn counts(&self) -> MutexGuard<'_, HashMap<usize, usize>> {
+        // A panic elsewhere must not turn `Drop` into a second panic.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, id: usize) {
+        *self.counts().entry(id).or_default() += 1;
+    }
+
+    fn remove(&self, id: usize) {
+        if let Some(count) = self.counts().get_mut(&id) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    fn of(&self, id: usize) -> usize {
+        self.counts().get(&id).copied().unwrap_or(0)
+    }
 }
 
 impl Service<http::Request<ScriptBody>> for TagClient {
@@ -198,20 +254,65 @@ pub fn served_by<B>(response: &http::Response<B>) -> usize {
         .expect("a number")
 }
 
-/// Counts builds and hands out `TagClient`s numbered from 1.
+/// Counts builds and hands out `TagClient`s numbered from 1, and counts
+/// the live copies of each. Clones share the counts.
 #[derive(Debug, Clone, Default)]
-pub struct Builds(pub Arc<AtomicUsize>);
+pub struct Builds {
+    count: Arc<AtomicUsize>,
+    copies: Copies,
+}
 
 impl Builds {
     pub fn factory(&self) -> impl Fn() -> TagClient + Send + Sync + 'static {
-        let builds = Arc::clone(&self.0);
-        move || TagClient {
-            id: builds.fetch_add(1, Ordering::SeqCst) + 1,
+        let builds = self.clone();
+        move || {
+            let id = builds.count.fetch_add(1, Ordering::SeqCst) + 1;
+            TagClient::counted(id, builds.copies.clone())
         }
     }
 
     pub fn count(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// How many copies of build `id`'s client are alive.
+    pub fn live_copies(&self, id: usize) -> usize {
+        self.copies.of(id)
+    }
+}
+
+/// Builds tower-test mock clients, one per build, and keeps the handle of
+/// each build (see [`Mocks::take`]). Clones share the handles.
+pub struct Mocks<Req, Resp>(Arc<Mutex<Vec<mock::Handle<Req, Resp>>>>);
+
+impl<Req, Resp> Default for Mocks<Req, Resp> {
+    fn default() -> Self {
+        Mocks(Arc::default())
+    }
+}
+
+impl<Req, Resp> Clone for Mocks<Req, Resp> {
+    fn clone(&self) -> Self {
+        Mocks(Arc::clone(&self.0))
+    }
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Mocks<Req, Resp> {
+    pub fn factory(&self) -> impl Fn() -> mock::Mock<Req, Resp> + Send + Sync + 'static {
+        let handles = Arc::clone(&self.0);
+        move || {
+            let (mock, handle) = mock::pair();
+            handles.lock().expect("not poisoned").push(handle);
+            mock
+        }
+    }
+
+    /// Takes the handle of the `n`th build (from 1).
+    pub fn take(&self, n: usize) -> mock::Handle<Req, Resp> {
+        let mut handles = self.0.lock().expect("not poisoned");
+        let (mock, handle) = mock::pair();
+        drop(mock);
+        std::mem::replace(&mut handles[n - 1], handle)
     }
 }
 
@@ -239,4 +340,18 @@ pub fn request() -> http::Request<ScriptBody> {
 pub fn open_request() -> (mpsc::UnboundedSender<Step>, http::Request<ScriptBody>) {
     let (tx, body) = ScriptBody::channel();
     (tx, http::Request::new(body))
+}
+
+/// Reads the next frame of `body`, which must be data.
+pub async fn next_data<B>(body: &mut B) -> Bytes
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    body.frame()
+        .await
+        .expect("a frame")
+        .expect("not an error")
+        .into_data()
+        .expect("data")
 }

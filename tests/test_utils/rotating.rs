@@ -10,9 +10,20 @@ use super::{open_request, ScriptBody, Step, TagClient};
 pub async fn open_stream(
     client: &RotatingClient<TagClient>,
 ) -> (mpsc::UnboundedSender<Step>, ResponseBody<ScriptBody>) {
+    let (tx, response) = open_response(client).await;
+    (tx, response.into_body())
+}
+
+/// Like [`open_stream`], with the response's head (see [`super::served_by`]).
+pub async fn open_response(
+    client: &RotatingClient<TagClient>,
+) -> (
+    mpsc::UnboundedSender<Step>,
+    http::Response<ResponseBody<ScriptBody>>,
+) {
     let (tx, req) = open_request();
     let response = client.clone().oneshot(req).await.expect("infallible");
-    (tx, response.into_body())
+    (tx, response)
 }
 
 /// The ids of the live generations, oldest first.
