@@ -162,7 +162,7 @@ async fn lease_lifecycle(path: Path, ending: Ending) {
 
 /// Guarantee 1. Seen failing (for the two observing paths only) with the
 /// lease dropped on the observing path: in `future.rs`, `observed()`
-/// building `ResponseBody::new(body, None)`.
+/// attaching `Attach(None)` instead of the lease.
 #[tokio::test(start_paused = true)]
 async fn streaming_bodies_hold_their_generation_on_every_response_path() {
     for path in PATHS {
@@ -220,8 +220,8 @@ async fn a_ready_handle_polled_again_after_a_rotation_calls_the_generation_it_re
 // 3. rotate() waits for room under max_live_generations
 // ---------------------------------------------------------------------------
 
-/// Guarantee 3. Seen failing with `driver::wait_for_room` removed from
-/// `RotatingClient::rotate`.
+/// Guarantee 3. Seen failing with `wait_for_room` removed from
+/// `Rotator::rotate` (behind `RotatingClient::rotate`).
 #[tokio::test(start_paused = true)]
 async fn rotate_waits_for_room_under_the_cap() {
     const CAP: usize = 2;
@@ -279,7 +279,7 @@ async fn rotate_waits_for_room_under_the_cap() {
 
 /// Guarantee 4. Seen failing with the drain timer holding a strong
 /// reference to the old generation (`Arc::clone(&old)` moved into the timer
-/// task in `Shared::install`, instead of `Arc::downgrade`).
+/// task in `Rotator::install`, instead of a `Weak`).
 #[tokio::test(start_paused = true)]
 async fn a_generation_drained_before_its_timeout_retires_at_once_not_forced() {
     let (builds, retired) = (Builds::default(), RetireLog::default());
@@ -326,7 +326,7 @@ async fn a_generation_drained_before_its_timeout_retires_at_once_not_forced() {
 // ---------------------------------------------------------------------------
 
 /// Guarantee 5. Seen failing with `Generation::force_retire` keeping the
-/// template (`this.client.load_full()` instead of `this.client.swap(None)`).
+/// template (the client is not taken out of its slot).
 #[tokio::test(start_paused = true)]
 async fn at_the_drain_timeout_the_layer_lets_go_of_its_client() {
     let (builds, retired) = (Builds::default(), RetireLog::default());
