@@ -9,6 +9,12 @@
 //! `RotatingClientLayer`. Nothing depends on the clock: the rotating client
 //! has a TTL of a day and rotates on `rotate()`, at chosen points.
 //!
+//! The client kinds, each over HTTP/1.1 and HTTP/2 (h2c, prior knowledge):
+//! hyper-util's legacy `Client` (resolver: `HttpConnector::new_with_resolver`),
+//! and with the `reqwest` feature `reqwest::Client` (resolver:
+//! `ClientBuilder::dns_resolver`), through the layer with reqwest's own
+//! `Request` and `Response`.
+//!
 //! Why the control cannot move: an HTTP/2 client keeps its one connection;
 //! an HTTP/1.1 pool opens a connection (and so resolves) only when a
 //! request finds no idle one. The warm-up runs [`WARM_LOOPS`] requests at
@@ -17,6 +23,12 @@
 //! (one busy, one on its way back to the pool), so an idle one is always
 //! there. The test runs on a current-thread runtime, where a connection's
 //! way back to the pool is a task already queued when its response ends.
+//! reqwest's client is hyper-util's legacy client inside, with the same
+//! pool, and its defaults keep every idle connection
+//! (`pool_max_idle_per_host` is `usize::MAX`) for 90 s
+//! (`pool_idle_timeout`), far longer than a scenario runs; its system
+//! proxy lookup is off (`no_proxy`), so the made-up name always reaches
+//! the resolver.
 //!
 //! A new client kind plugs in as one more [`Sender`] and a pair of tests.
 
@@ -200,6 +212,11 @@ async fn check(
         "{kind}, control: a client built once stays on backend 1 after the change"
     );
 
+    println!(
+        "{kind}: control after the change {:?}",
+        outcome.after_change
+    );
+
     let outcome = scale_up(rotating).await;
     assert_eq!(
         outcome.failed,
@@ -261,4 +278,84 @@ async fn hyper_util_http1() {
 #[tokio::test]
 async fn hyper_util_http2() {
     hyper_util(true).await;
+}
+
+/// A [`Sender`] for reqwest's own types: `reqwest::Client` itself, or a
+/// `RotatingClient` over one. A response in another HTTP version than
+/// `version` counts as failed.
+#[cfg(feature = "reqwest")]
+fn reqwest_sender<S>(client: S, version: reqwest::Version) -> Sender
+where
+    S: Service<reqwest::Request, Response = reqwest::Response, Error = reqwest::Error>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
+    Arc::new(move |uri| {
+        let client = client.clone();
+        Box::pin(async move {
+            let url = reqwest::Url::parse(&uri.to_string())?;
+            let request = reqwest::Request::new(reqwest::Method::GET, url);
+            let response = client.oneshot(request).await?.error_for_status()?;
+            if response.version() != version {
+                return Err(format!("{:?}, want {version:?}", response.version()).into());
+            }
+            Ok(response.bytes().await?.to_vec())
+        })
+    })
+}
+
+/// reqwest with its default pool, resolving through `dns`.
+#[cfg(feature = "reqwest")]
+fn reqwest_client(dns: ScaleUpDns, http2: bool) -> reqwest::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder().no_proxy().dns_resolver(dns);
+    let builder = if http2 {
+        builder.http2_prior_knowledge()
+    } else {
+        builder.http1_only()
+    };
+    builder.build()
+}
+
+#[cfg(feature = "reqwest")]
+async fn reqwest(http2: bool) {
+    let version = if http2 {
+        reqwest::Version::HTTP_2
+    } else {
+        reqwest::Version::HTTP_11
+    };
+    check(
+        &format!("reqwest, http2={http2}"),
+        |dns| UnderTest {
+            send: reqwest_sender(
+                reqwest_client(dns, http2).expect("reqwest builds a client"),
+                version,
+            ),
+            rotate: None,
+        },
+        |dns| {
+            let client = RotatingClientLayer::new(NEVER)
+                .try_layer(move || reqwest_client(dns.clone(), http2))
+                .expect("reqwest builds a client");
+            UnderTest {
+                send: reqwest_sender(client.clone(), version),
+                rotate: Some(rotation(client)),
+            }
+        },
+    )
+    .await;
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_http1() {
+    reqwest(false).await;
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_http2() {
+    reqwest(true).await;
 }

@@ -1,7 +1,8 @@
 //! Backends added behind a name: three [`StreamServer`]s on 127.0.0.1-3
 //! reached by one made-up name, and a resolver that lists only the first
 //! until [`ScaleUpDns::scale_up`] (a `Service<Name>` for hyper-util's
-//! `HttpConnector::new_with_resolver`).
+//! `HttpConnector::new_with_resolver`, and with the `reqwest` feature a
+//! `reqwest::dns::Resolve` for `ClientBuilder::dns_resolver`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -75,8 +76,9 @@ impl Backends {
 /// spread; any other name fails. Clones share the records and the
 /// round-robin position.
 ///
-/// Implements `tower::Service<Name>`, hyper-util's resolver hook; other
-/// clients wrap [`ScaleUpDns::lookup`] in their own.
+/// Implements `tower::Service<Name>`, hyper-util's resolver hook, and with
+/// the `reqwest` feature `reqwest::dns::Resolve`, reqwest's; other clients
+/// wrap [`ScaleUpDns::lookup`] in their own.
 #[derive(Clone, Debug)]
 pub struct ScaleUpDns {
     backends: Arc<Vec<SocketAddr>>,
@@ -136,5 +138,18 @@ impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for ScaleUpD
 
     fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
         std::future::ready(self.lookup(name.as_str()).map(Vec::into_iter))
+    }
+}
+
+/// reqwest's resolver hook (`ClientBuilder::dns_resolver`): the same
+/// [`ScaleUpDns::lookup`], answered at once.
+#[cfg(feature = "reqwest")]
+impl reqwest::dns::Resolve for ScaleUpDns {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let addrs = self
+            .lookup(name.as_str())
+            .map(|addrs| Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+            .map_err(Into::into);
+        Box::pin(std::future::ready(addrs))
     }
 }
