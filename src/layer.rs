@@ -27,10 +27,19 @@ use crate::service::RotatingClient;
 ///     .drain_timeout(Duration::from_secs(600));
 /// # let _ = layer;
 /// ```
-#[derive(Clone)]
 pub struct RotatingClientLayer<H = ()> {
     config: Config,
     hook: Arc<H>,
+}
+
+impl<H> Clone for RotatingClientLayer<H> {
+    /// A layer with the same options; its services share the same hook.
+    fn clone(&self) -> Self {
+        RotatingClientLayer {
+            config: self.config.clone(),
+            hook: Arc::clone(&self.hook),
+        }
+    }
 }
 
 impl RotatingClientLayer {

@@ -83,3 +83,31 @@ fn nan_jitter_panics() {
 fn zero_max_live_generations_panics() {
     let _ = RotatingClientLayer::new(TTL).max_live_generations(0);
 }
+
+/// A hook that is not `Clone` (no derive), counting into a shared counter.
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl tower_rotating_client::OnRetire<TagClient> for Counting {
+    fn on_retire(&self, _client: TagClient, _generation: tower_rotating_client::GenerationStats) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_layer_clones_whatever_its_hook_and_its_services_share_the_hook() {
+    let (builds, retired) = (Builds::default(), std::sync::Arc::default());
+    let layer = RotatingClientLayer::new(TTL).on_retire(Counting(std::sync::Arc::clone(&retired)));
+    let (first, second) = (
+        layer.layer(builds.factory()),
+        layer.clone().layer(builds.factory()),
+    );
+    first.rotate().await.expect("builds");
+    second.rotate().await.expect("builds");
+    drop((first, second));
+    assert_eq!(builds.count(), 4, "two services, two generations each");
+    assert_eq!(
+        retired.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "both services retire through the one hook"
+    );
+}
