@@ -1,32 +1,44 @@
-//! Generation state: the current slot, each built client with its
-//! bookkeeping, and retirement.
+//! Generation state: the current slot, the lanes that hand out leases, each
+//! built client with its bookkeeping, and retirement.
 //!
-//! A [`Generation`] lives in an `Arc`. The strong references to it are
-//! exactly the things that keep it alive:
+//! # Who holds a generation
 //!
-//! - the `current` slot, while it is the current generation;
-//! - a handle between a Ready `poll_ready` and its `call` (a reservation);
-//! - every response future and response body that came from it (a
-//!   [`Lease`](crate::lease::Lease));
-//! - for a moment, whoever is reading it: the background task, `stats()`,
-//!   a drain timer.
+//! A [`Generation`] retires when its *holds* reach zero. The holds are:
 //!
-//! Idle handles hold only a `Weak`. When the last strong reference goes,
-//! `Drop` retires the generation: the client is handed to the retire hook
-//! (or dropped), the live count goes down, and anybody waiting for room
-//! under `max_live_generations` is woken. `Drop` runs once, so no
-//! generation is retired twice, and never while a response that came from
-//! it is still alive.
+//! - one while it is attached: current, or still being taken out of the
+//!   lanes by the swap that replaced it;
+//! - one per live [`Shard`]. A lease is a strong reference to a shard, so
+//!   a shard lives while its lane keeps it (only while the generation is
+//!   current) or while any reservation, response future or body leased on
+//!   it is alive.
+//!
+//! Idle handles hold only a `Weak` to a shard, which keeps neither the
+//! shard's hold nor the client. When the last hold goes, the generation
+//! retires: the client is handed to the retire hook (or dropped), the live
+//! count goes down, and anybody waiting for room under
+//! `max_live_generations` is woken. A hold count that has reached zero
+//! never rises again (shards are made only in a lane, and a lane holds
+//! only attached generations), so no generation retires twice, and none
+//! while a response that came from it is still alive.
 //!
 //! The one exception is `drain_timeout`: [`Generation::force_retire`] lets
-//! go of the template client early, without the hook. The `retired` flag
-//! makes sure that the later `Drop` does not retire it a second time.
+//! go of a detached generation's template client early, without the hook.
+//! The `retired` flag makes sure that the later release of the last hold
+//! does not retire it a second time.
+//!
+//! # Lanes
+//!
+//! Each thread takes its leases in its own *lane* (`thread index mod lane
+//! count`), a cache-padded mutex with the current generation's shard for
+//! that lane and a clone of its client. A handle that has used its lane
+//! once keeps a `Weak` to the lane's shard and, while that generation is
+//! current, takes each later lease by upgrading it: no lock, no shared
+//! line. A swap walks the lanes and empties them, so that the outgoing
+//! generation's shards live only as long as their leases.
 //!
 //! The loom models (`loom_models.rs`) check this protocol through the
-//! facade in `sync.rs`: pin through the slot, lease, swap, retire, force.
-//! They do not model the `Weak` fast path of `poll_ready` (loom has no
-//! `Weak`); its safety rests on `std`'s `Weak::upgrade`, which never
-//! revives a generation whose last strong reference is gone.
+//! facade in `sync.rs`, the fast path's `Weak::upgrade` included: lanes,
+//! leases, swaps, the last lease, forced retirement.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -40,25 +52,75 @@ use tokio::time::Instant;
 use crate::config::{CallOutcome, Config, OnRetire};
 use crate::lease::Leased;
 use crate::schedule::{Reason, Rng};
+use crate::shard::{Holder, Shard};
 use crate::stats::{GenerationId, GenerationStats};
-use crate::sync::{
-    self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, SwapGuard,
-};
+use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, Weak};
 
-/// The generations of one rotating client: the current slot and the
-/// bookkeeping behind it.
+/// A lease: a strong reference to one shard of a generation.
+pub(crate) type GenerationShard<S> = Shard<Generation<S>>;
+
+/// The generations of one rotating client: the current slot, the lanes,
+/// and the bookkeeping behind them.
 pub(crate) struct Generations<S: 'static> {
     current: Swap<Generation<S>>,
     /// The id of the generation in `current`, for the fast path of
     /// `poll_ready`: a handle whose cached client has this id only needs
-    /// to upgrade its `Weak`, not to read the slot.
+    /// to upgrade its `Weak`, not to lock its lane.
     current_id: AtomicU64,
-    /// Keeps the slot and `current_id` in step when two swaps race. The
-    /// service serialises its swaps with its rotation lock already; this
-    /// makes `install` safe on its own, which the loom models check
-    /// without that lock.
+    /// One per `thread index & (len - 1)`; the length is a power of two.
+    lanes: Box<[Lane<S>]>,
+    /// Keeps the slot, `current_id` and the lanes in step when two swaps
+    /// race. The service serialises its swaps with its rotation lock
+    /// already; this makes `install` safe on its own, which the loom models
+    /// check without that lock.
     install: Mutex<()>,
     core: Arc<Core<S>>,
+}
+
+/// One lane: its lock is taken by a handle that moves to a generation (or
+/// to another thread), and by a swap.
+#[repr(align(128))]
+struct Lane<S: 'static>(Mutex<LaneState<S>>);
+
+struct LaneState<S: 'static> {
+    /// The current generation, or, while a swap walks the lanes, the one
+    /// it replaces. Always attached.
+    generation: Arc<Generation<S>>,
+    /// This lane's shard of `generation`, made on first use.
+    shard: Option<Arc<GenerationShard<S>>>,
+    /// A clone of `generation`'s client for handles to clone from, made on
+    /// first use, so that they need not lock the template.
+    client: Option<S>,
+}
+
+impl<S: 'static> LaneState<S> {
+    fn new(generation: Arc<Generation<S>>) -> Self {
+        LaneState {
+            generation,
+            shard: None,
+            client: None,
+        }
+    }
+}
+
+/// A lease from [`Generations::take_lease`], with what the handle needs to
+/// take the next one without the lane.
+pub(crate) struct Taken<S: 'static> {
+    /// The generation's id.
+    pub(crate) id: u64,
+    pub(crate) lease: Arc<GenerationShard<S>>,
+    pub(crate) renewal: Renewal<S>,
+}
+
+/// What a handle keeps from a lane.
+pub(crate) enum Renewal<S: 'static> {
+    /// The handle already has this generation's client: a `Weak` to the
+    /// lane's shard, for the fast path of its next requests.
+    Weak(Weak<GenerationShard<S>>),
+    /// The handle moves to this generation: a clone of its client. No
+    /// `Weak` yet, so that a handle used once (a fresh clone per request)
+    /// pays for none; it takes one on its second request.
+    Client(S),
 }
 
 impl<S: Send + 'static> Generations<S> {
@@ -71,40 +133,55 @@ impl<S: Send + 'static> Generations<S> {
     ) -> Self {
         let core = Core::new(config, hook);
         let generation = Core::new_generation(&core, first, lifetime);
+        let lanes = (0..sync::shard_count())
+            .map(|_| Lane(Mutex::new(LaneState::new(Arc::clone(&generation)))))
+            .collect();
         Generations {
             current_id: AtomicU64::new(generation.id),
             current: Swap::new(generation),
+            lanes,
             install: Mutex::new(()),
             core,
         }
     }
 
     /// Makes `client` current for `lifetime`. Returns the new generation's
-    /// id and the old generation, which starts draining and retires when
-    /// the caller drops it and nothing else holds it.
-    pub(crate) fn install(&self, client: S, lifetime: Duration) -> (u64, Arc<Generation<S>>) {
+    /// id and the outgoing generation, which starts draining, is detached
+    /// when the returned guard drops, and retires once its last lease is
+    /// gone.
+    pub(crate) fn install(&self, client: S, lifetime: Duration) -> (u64, Outgoing<S>) {
         let generation = Core::new_generation(&self.core, client, lifetime);
         let id = generation.id;
         let installing = self
             .install
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let old = self.current.swap(generation);
+        let old = self.current.swap(Arc::clone(&generation));
         self.current_id.store(id, Ordering::Release);
+        // Empty every lane: from here on, the outgoing generation's shards
+        // live only as long as their leases, and no new shard of it can be
+        // made. Its clients and shard references are dropped outside the
+        // lane's lock.
+        for lane in &self.lanes[..] {
+            let replaced =
+                std::mem::replace(&mut *lane.lock(), LaneState::new(Arc::clone(&generation)));
+            if replaced.shard.is_some() {
+                replaced.generation.in_lanes.fetch_sub(1, Ordering::AcqRel);
+            }
+            drop(replaced);
+        }
         drop(installing);
         old.start_draining();
         self.core.rotations.fetch_add(1, Ordering::Relaxed);
         // A trigger fired on the old generation is served by this swap.
         self.core.take_request(old.id);
         self.core.changed.notify_one();
-        (id, old)
+        (id, Outgoing(old))
     }
 
-    /// Whether nothing but the slot holds the current generation.
+    /// Whether no lease is out on the current generation.
     pub(crate) fn current_is_idle(&self) -> bool {
-        let current = self.current.load_full();
-        // Ours and the slot's.
-        Arc::strong_count(&current) <= 2
+        self.current().in_flight() == 0
     }
 }
 
@@ -113,10 +190,9 @@ impl<S: 'static> Generations<S> {
         &self.core
     }
 
-    /// A short-lived read of the current generation.
-    #[inline]
-    pub(crate) fn load(&self) -> SwapGuard<Generation<S>> {
-        self.current.load()
+    /// The current generation. Off the request path.
+    pub(crate) fn current(&self) -> Arc<Generation<S>> {
+        self.current.load_full()
     }
 
     /// The id of the current generation. One atomic load.
@@ -124,12 +200,87 @@ impl<S: 'static> Generations<S> {
     pub(crate) fn current_id(&self) -> u64 {
         self.current_id.load(Ordering::Acquire)
     }
+
+    /// Takes a lease in the lane of thread `thread`. `have` is the
+    /// generation whose client the handle holds already, if any.
+    ///
+    /// `None` only if the lane's generation has lost its client to
+    /// `drain_timeout`, which needs it detached, so out of the lanes: a
+    /// retry sees a newer one.
+    pub(crate) fn take_lease(&self, thread: usize, have: Option<u64>) -> Option<Taken<S>>
+    where
+        S: Clone,
+    {
+        let mut lane = self.lanes[thread & (self.lanes.len() - 1)].lock();
+        let LaneState {
+            generation,
+            shard,
+            client,
+        } = &mut *lane;
+        let shard = match shard {
+            Some(shard) => shard,
+            None => shard.insert(Generation::new_shard(generation, thread)),
+        };
+        let lease = Arc::clone(shard);
+        let renewal = if have == Some(generation.id) {
+            Renewal::Weak(Arc::downgrade(shard))
+        } else {
+            let template = match client {
+                Some(client) => client,
+                None => client.insert(generation.clone_client()?),
+            };
+            Renewal::Client(template.clone())
+        };
+        Some(Taken {
+            id: generation.id,
+            lease,
+            renewal,
+        })
+    }
 }
 
-/// Turns a read of the slot into a reservation of that generation.
-#[inline]
-pub(crate) fn pin<S>(current: SwapGuard<Generation<S>>) -> Arc<Generation<S>> {
-    sync::into_arc(current)
+impl<S: 'static> Lane<S> {
+    fn lock(&self) -> MutexGuard<'_, LaneState<S>> {
+        // Never held across user code but `S::clone`; a poisoned lane is
+        // still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<S: 'static> Drop for Generations<S> {
+    /// The last handle is gone: empty the lanes and detach the current
+    /// generation, which retires once its last lease is gone.
+    fn drop(&mut self) {
+        let current = self.current();
+        for lane in &self.lanes[..] {
+            let mut lane = lane.lock();
+            if lane.shard.take().is_some() {
+                lane.generation.in_lanes.fetch_sub(1, Ordering::AcqRel);
+            }
+            let client = lane.client.take();
+            drop(lane);
+            drop(client);
+        }
+        current.detach();
+    }
+}
+
+/// The generation a swap replaced. Dropping it detaches the generation,
+/// which then retires as soon as no lease holds it (possibly at once).
+pub(crate) struct Outgoing<S: 'static>(Arc<Generation<S>>);
+
+impl<S: 'static> Outgoing<S> {
+    pub(crate) fn generation(&self) -> &Arc<Generation<S>> {
+        &self.0
+    }
+}
+
+impl<S: 'static> Drop for Outgoing<S> {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
 }
 
 /// State shared by every generation of one rotating client.
@@ -190,7 +341,11 @@ impl<S: Send + 'static> Core<S> {
             served: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             draining_since: Mutex::new(None),
+            holds: AtomicUsize::new(1),
+            detached: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            in_lanes: AtomicUsize::new(0),
+            shards: Mutex::new(Vec::new()),
             core: Arc::clone(this),
         });
         this.live_count.fetch_add(1, Ordering::AcqRel);
@@ -248,24 +403,17 @@ impl<S: 'static> Core<S> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Per-generation figures, oldest first. `current_id` is the id of the
-    /// current generation, whose slot reference is not counted as in
-    /// flight.
+    /// Per-generation figures, oldest first.
     pub(crate) fn snapshot(&self, current_id: u64) -> Vec<GenerationStats> {
         // Upgrade under the lock, but drop the strong references only after
-        // it is released: dropping the last one retires the generation,
-        // which takes the lock again.
+        // it is released (retirement takes the lock).
         let generations = self.lock_live().upgrade_all();
         let now = sync::now();
         generations
             .iter()
-            .filter(|(_, generation)| !generation.retired.load(Ordering::Acquire))
-            .map(|(strong, generation)| {
-                let is_current = generation.id == current_id;
-                // `strong` was read before our own upgrade; the current
-                // generation has one more reference, held by the slot.
-                let in_flight = strong.saturating_sub(usize::from(is_current));
-                generation.figures(now, in_flight, is_current)
+            .filter(|generation| !generation.retired.load(Ordering::Acquire))
+            .map(|generation| {
+                generation.figures(now, generation.in_flight(), generation.id == current_id)
             })
             .collect()
     }
@@ -296,23 +444,32 @@ pub(crate) struct Generation<S: 'static> {
     pub(crate) born: Instant,
     /// When this generation should stop being current; `None` is never.
     pub(crate) expires_at: Option<Instant>,
-    /// The template that handles clone their client from, locked only when
-    /// a handle moves to this generation, so that `S` need not be `Sync`.
+    /// The template that lanes clone their client from, locked only when a
+    /// lane first serves this generation, so that `S` need not be `Sync`.
     /// Emptied only by `force_retire` and by the final retirement.
     client: Mutex<Option<S>>,
-    /// Requests served: one relaxed add per call.
+    /// Requests folded in from shards that are gone, plus every request
+    /// while the request cap is on.
     served: AtomicU64,
     /// Consecutive failures, for `rotate_on_failures`.
     failures: AtomicU32,
     draining_since: Mutex<Option<Instant>>,
+    /// Live shards, plus one while attached. Retires at zero.
+    holds: AtomicUsize,
+    detached: AtomicBool,
     retired: AtomicBool,
+    /// Of the live shards, how many a lane still keeps (each lane keeps one
+    /// reference to its shard, which is not a lease).
+    in_lanes: AtomicUsize,
+    /// Every shard made, for `stats()`. Pruned as shards are made.
+    shards: Mutex<Vec<Weak<GenerationShard<S>>>>,
     pub(crate) core: Arc<Core<S>>,
 }
 
 impl<S: Clone + 'static> Generation<S> {
     /// A fresh clone of this generation's client, or `None` if the
     /// generation was force-retired by `drain_timeout`.
-    pub(crate) fn clone_client(&self) -> Option<S> {
+    fn clone_client(&self) -> Option<S> {
         self.client
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -321,13 +478,55 @@ impl<S: Clone + 'static> Generation<S> {
 }
 
 impl<S: 'static> Generation<S> {
-    /// Counts a request; requests a rotation when it reaches the cap.
-    #[inline]
-    pub(crate) fn record_request(&self) {
-        let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.core.config.max_requests == Some(served) {
-            self.core.request_rotation(self.id, Reason::MaxRequests);
-        }
+    /// A new shard of `this`, for the lane of thread `thread`. Called with
+    /// that lane locked, which keeps `this` attached.
+    fn new_shard(this: &Arc<Self>, thread: usize) -> Arc<GenerationShard<S>> {
+        // With a request cap, every request is counted on the generation.
+        let owner = this.core.config.max_requests.is_none().then_some(thread);
+        let shard = Arc::new(Shard::new(Arc::clone(this), owner));
+        this.holds.fetch_add(1, Ordering::AcqRel);
+        this.in_lanes.fetch_add(1, Ordering::AcqRel);
+        let mut shards = this
+            .shards
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        shards.retain(|shard| shard.strong_count() > 0);
+        shards.push(Arc::downgrade(&shard));
+        shard
+    }
+
+    /// The live shards, upgraded. Drop them only after any lock you hold
+    /// that retirement takes: the last reference retires.
+    fn live_shards(&self) -> Vec<Arc<GenerationShard<S>>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Leases out: reservations, response futures and bodies. A snapshot:
+    /// leases taken or released meanwhile may or may not be counted.
+    pub(crate) fn in_flight(&self) -> usize {
+        let strong: usize = self
+            .shards
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(Weak::strong_count)
+            .sum();
+        strong.saturating_sub(self.in_lanes.load(Ordering::Acquire))
+    }
+
+    /// Requests served so far: those of shards that are gone, plus the
+    /// live shards' counts.
+    fn requests(&self) -> u64 {
+        let live = self.live_shards();
+        let counted: u64 = live.iter().map(|shard| shard.requests()).sum();
+        let served = self.served.load(Ordering::Acquire);
+        drop(live);
+        served + counted
     }
 
     /// Judges a call for `rotate_on_failures`.
@@ -348,10 +547,6 @@ impl<S: 'static> Generation<S> {
         } else if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-    }
-
-    fn requests(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
     }
 
     /// Marks the moment this generation stopped being current.
@@ -384,20 +579,50 @@ impl<S: 'static> Generation<S> {
         }
     }
 
+    /// No longer current and out of the lanes: release the attached hold.
+    /// Idempotent.
+    fn detach(&self) {
+        if !self.detached.swap(true, Ordering::AcqRel) {
+            self.release_hold();
+        }
+    }
+
+    fn release_hold(&self) {
+        if self.holds.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.retire();
+        }
+    }
+
+    /// The last hold is gone: hand the client to the hook. Once.
+    fn retire(&self) {
+        if self.retired.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Retired while current only at shutdown, when never detached by a
+        // swap.
+        let current = self.draining_since().is_none();
+        let info = self.figures(sync::now(), 0, current);
+        let client = self
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        self.core.retire(info, client, false);
+    }
+
     /// `drain_timeout` expired: the layer lets go of this generation now.
-    /// Returns `false` if it had retired already.
+    /// Returns `false` if it had retired already, or is still attached
+    /// (only a detached generation drains).
     ///
     /// The template client is dropped without the retire hook (the hook
     /// never sees a client with responses in flight). Responses still open
     /// keep running on whatever the inner client's own futures and bodies
     /// hold; their leases no longer pin anything.
     pub(crate) fn force_retire(this: &Arc<Self>) -> bool {
-        if this.retired.swap(true, Ordering::AcqRel) {
+        if !this.detached.load(Ordering::Acquire) || this.retired.swap(true, Ordering::AcqRel) {
             return false;
         }
-        // Our own reference is not in flight.
-        let in_flight = Arc::strong_count(this).saturating_sub(1);
-        let info = this.figures(sync::now(), in_flight, false);
+        let info = this.figures(sync::now(), this.in_flight(), false);
         let client = this
             .client
             .lock()
@@ -407,23 +632,6 @@ impl<S: 'static> Generation<S> {
         this.core.retire(info, None, true);
         drop(client);
         true
-    }
-}
-
-impl<S: 'static> Drop for Generation<S> {
-    fn drop(&mut self) {
-        // A plain swap, not `get_mut`, which loom's atomics lack.
-        if self.retired.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let current = self.draining_since().is_none();
-        let info = self.figures(sync::now(), 0, current);
-        let client = self
-            .client
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        self.core.retire(info, client, false);
     }
 }
 
@@ -447,24 +655,38 @@ impl<S: Send + 'static> Leased for Generation<S> {
     }
 }
 
+impl<S: 'static> Holder for Generation<S> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Counts a request; requests a rotation when it reaches the cap.
+    fn count_request(&self) {
+        let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.core.config.max_requests == Some(served) {
+            self.core.request_rotation(self.id, Reason::MaxRequests);
+        }
+    }
+
+    fn shard_dropped(&self, requests: u64) {
+        self.served.fetch_add(requests, Ordering::AcqRel);
+        self.release_hold();
+    }
+}
+
 /// Weak references to the live generations, oldest first, for `stats()`.
-/// Loom has no `Weak`; under loom the registry keeps nothing.
 struct Registry<S: 'static> {
-    #[cfg(not(loom))]
-    entries: Vec<(u64, std::sync::Weak<Generation<S>>)>,
-    #[cfg(loom)]
-    entries: std::marker::PhantomData<S>,
+    entries: Vec<(u64, Weak<Generation<S>>)>,
 }
 
 impl<S> Default for Registry<S> {
     fn default() -> Self {
         Registry {
-            entries: Default::default(),
+            entries: Vec::new(),
         }
     }
 }
 
-#[cfg(not(loom))]
 impl<S> Registry<S> {
     fn add(&mut self, generation: &Arc<Generation<S>>) {
         self.entries
@@ -475,27 +697,13 @@ impl<S> Registry<S> {
         self.entries.retain(|(live_id, _)| *live_id != id);
     }
 
-    /// Each live generation with its strong count, read before upgrading.
-    /// The caller must drop the result only after releasing the lock:
-    /// dropping the last reference retires, which takes the lock.
-    fn upgrade_all(&self) -> Vec<(usize, Arc<Generation<S>>)> {
+    /// Each live generation, upgraded. The caller must drop the result
+    /// only after releasing the lock: dropping a last reference may retire
+    /// a generation, which takes the lock.
+    fn upgrade_all(&self) -> Vec<Arc<Generation<S>>> {
         self.entries
             .iter()
-            .filter_map(|(_, weak)| {
-                let strong = weak.strong_count();
-                weak.upgrade().map(|generation| (strong, generation))
-            })
+            .filter_map(|(_, weak)| weak.upgrade())
             .collect()
-    }
-}
-
-#[cfg(loom)]
-impl<S> Registry<S> {
-    fn add(&mut self, _generation: &Arc<Generation<S>>) {}
-
-    fn remove(&mut self, _id: u64) {}
-
-    fn upgrade_all(&self) -> Vec<(usize, Arc<Generation<S>>)> {
-        Vec::new()
     }
 }

@@ -1,10 +1,11 @@
 //! [`Lease`]: the private guard that response futures and bodies hold on
 //! the generation that served them.
 //!
-//! A lease is a strong reference to a generation, type-erased so that the
-//! future and body types stay generic over the inner future and body only.
-//! Dropping it is the release: the generation retires when its last
-//! reference goes (see `generation.rs`).
+//! A lease is a strong reference to one shard of a generation, type-erased
+//! so that the future and body types stay generic over the inner future and
+//! body only. Dropping it is the release: one decrement on the shard's own
+//! cache line. The generation retires when its last shard goes (see
+//! `shard.rs` and `generation.rs`).
 
 use std::any::Any;
 use std::fmt;
@@ -28,11 +29,12 @@ pub(crate) trait Leased: Send + Sync + 'static {
     fn on_error(&self, _error: &dyn Any) {}
 }
 
-/// A type-erased strong reference to a generation.
+/// A type-erased strong reference to a generation's shard.
 #[cfg(not(loom))]
 pub(crate) struct Lease(Arc<dyn Leased>);
 
-/// Under loom, whose `Arc` cannot be unsized, a box around the `Arc`.
+/// Under loom, whose `Arc` (the facade's) cannot be unsized, a box around
+/// the `Arc`.
 #[cfg(loom)]
 pub(crate) struct Lease(Box<dyn Leased>);
 

@@ -271,6 +271,7 @@ mod response;
 mod rotator;
 mod schedule;
 mod service;
+mod shard;
 mod stats;
 mod sync;
 mod trace;

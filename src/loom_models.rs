@@ -3,26 +3,30 @@
 //!
 //! Each model asserts that a generation is never retired while a lease
 //! holds it, that every generation is retired exactly once, and that none
-//! is leaked (loom also fails a model that leaks an `Arc`).
+//! is leaked (loom also fails a model that leaks an `Arc`). Leases are
+//! taken as the service takes them: in a lane (`take_lease`), or on the
+//! fast path by upgrading a `Weak` to a shard, through the facade's
+//! `Arc`/`Weak` pair, whose strong count is a loom atomic.
 
 use std::time::Duration;
 
 use loom::thread;
 
 use crate::config::Config;
-use crate::generation::{pin, Generation, Generations};
+use crate::generation::{Generation, Generations, Renewal};
 use crate::lease::Lease;
 use crate::stats::GenerationStats;
-use crate::sync::{Arc, Mutex};
+use crate::sync::{self, Arc, Mutex};
 
 const TTL: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 struct Client(u64);
 
-/// Retirements seen by the hook (client ids), plus forced ones.
+/// Retirements seen by the hook (generation id, requests), plus forced
+/// ones (requests: `None`).
 #[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<(u64, bool)>>>);
+struct Log(Arc<Mutex<Vec<(u64, Option<u64>)>>>);
 
 impl Log {
     fn generations(&self) -> Generations<Client> {
@@ -31,13 +35,23 @@ impl Log {
             log.0
                 .lock()
                 .expect("loom mutex")
-                .push((generation.id.0, false));
+                .push((generation.id.0, Some(generation.requests)));
         };
         Generations::new(Config::new(TTL), std::sync::Arc::new(hook), Client(1), TTL)
     }
 
     fn record_forced(&self, id: u64) {
-        self.0.lock().expect("loom mutex").push((id, true));
+        self.0.lock().expect("loom mutex").push((id, None));
+    }
+
+    /// The request count the hook saw for generation `id`.
+    fn requests(&self, id: u64) -> Option<u64> {
+        self.0
+            .lock()
+            .expect("loom mutex")
+            .iter()
+            .find(|(retired, _)| *retired == id)
+            .and_then(|(_, requests)| *requests)
     }
 
     fn is_retired(&self, id: u64) -> bool {
@@ -62,15 +76,18 @@ impl Log {
     }
 }
 
-/// What a handle does in `poll_ready` + `call`: read the slot, clone
-/// the client, pin the generation into a lease.
+/// What a fresh handle does in `poll_ready` + `call`: lease in its
+/// thread's lane, clone the client there, count the request.
 fn lease_current(generations: &Generations<Client>) -> (u64, Lease) {
-    let current = generations.load();
-    let client = current
-        .clone_client()
-        .expect("the current generation is never force-retired");
-    assert_eq!(client.0, current.id);
-    (current.id, Lease::new(pin(current)))
+    let taken = generations
+        .take_lease(sync::thread_index(), None)
+        .expect("the lane's generation is never force-retired");
+    let Renewal::Client(client) = taken.renewal else {
+        panic!("a handle without a client gets one");
+    };
+    assert_eq!(client.0, taken.id);
+    taken.lease.count_request();
+    (taken.id, Lease::new(taken.lease))
 }
 
 /// Runs `f` under every interleaving loom explores (at most 3
@@ -190,7 +207,7 @@ fn loom_rotate_racing_a_timed_swap() {
         drop(old);
         let rotate_id = rotate.join().expect("no panic");
         assert_ne!(rotate_id, timed_id, "two swaps, two generations");
-        let current = generations.load().id;
+        let current = generations.current().id;
         assert!(current == 2 || current == 3);
         assert_eq!(
             generations.current_id(),
@@ -214,7 +231,9 @@ fn loom_drain_timeout_racing_the_last_lease() {
         let log = Log::default();
         let generations = log.generations();
         let (_, lease) = lease_current(&generations);
-        let (_, old) = generations.install(Client(2), TTL);
+        let (_, outgoing) = generations.install(Client(2), TTL);
+        let old = Arc::clone(outgoing.generation());
+        drop(outgoing);
         // The drain timer's upgraded reference races the body's end.
         let timer = {
             let log = log.clone();
@@ -232,6 +251,91 @@ fn loom_drain_timeout_racing_the_last_lease() {
             1,
             "retired once, counted once"
         );
+        drop(generations);
+        log.assert_retired_once(&[1, 2]);
+    });
+}
+
+#[test]
+fn loom_fast_path_racing_a_swap() {
+    model(|| {
+        let log = Log::default();
+        let generations = Arc::new(log.generations());
+        let handle = {
+            let (generations, log) = (Arc::clone(&generations), log.clone());
+            thread::spawn(move || {
+                // Requests served per generation (ids 1 and 2).
+                let mut served = [0u64; 2];
+                // A handle's first request clones the client.
+                let (first, lease) = lease_current(&generations);
+                served[first as usize - 1] += 1;
+                drop(lease);
+                // Its second keeps a `Weak` to its lane's shard, unless the
+                // swap came in between: then it moves to generation 2.
+                let taken = generations
+                    .take_lease(sync::thread_index(), Some(first))
+                    .expect("not force-retired");
+                taken.lease.count_request();
+                served[taken.id as usize - 1] += 1;
+                drop(taken.lease);
+                // Its third: the fast path of `poll_ready`.
+                if let Renewal::Weak(shard) = taken.renewal {
+                    if generations.current_id() == taken.id {
+                        if let Some(lease) = shard.upgrade() {
+                            lease.count_request();
+                            served[taken.id as usize - 1] += 1;
+                            thread::yield_now();
+                            assert!(!log.is_retired(taken.id), "retired under a fast-path lease");
+                            drop(lease);
+                        }
+                    }
+                }
+                served
+            })
+        };
+        let (id, old) = generations.install(Client(2), TTL);
+        assert_eq!(id, 2);
+        drop(old);
+        let served = handle.join().expect("no panic");
+        log.assert_retired_once(&[1]);
+        drop(generations);
+        log.assert_retired_once(&[1, 2]);
+        assert_eq!(
+            [log.requests(1), log.requests(2)],
+            served.map(Some),
+            "every request counted once, on its generation, by retirement"
+        );
+    });
+}
+
+#[test]
+fn loom_fast_path_racing_the_last_lease() {
+    model(|| {
+        let log = Log::default();
+        let generations = log.generations();
+        let thread = sync::thread_index();
+        let (id, first) = lease_current(&generations);
+        let taken = generations
+            .take_lease(thread, Some(id))
+            .expect("not force-retired");
+        let Renewal::Weak(shard) = taken.renewal else {
+            panic!("a Weak for a handle with this generation's client");
+        };
+        // Swapped out while two leases are out; the lane lets go of its
+        // shard, so the leases alone keep generation 1.
+        let (_, old) = generations.install(Client(2), TTL);
+        drop(old);
+        drop(first);
+        let body = thread::spawn(move || drop(taken.lease));
+        // A handle that read the old id just before the swap upgrades its
+        // `Weak` while the last lease ends: it either leases generation 1,
+        // which then waits for it, or finds it gone.
+        if let Some(lease) = shard.upgrade() {
+            assert!(!log.is_retired(id), "upgraded a retired generation");
+            drop(lease);
+        }
+        body.join().expect("no panic");
+        log.assert_retired_once(&[1]);
         drop(generations);
         log.assert_retired_once(&[1, 2]);
     });

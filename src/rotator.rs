@@ -69,19 +69,22 @@ where
     fn install(&self, client: S, reason: Reason) -> u64 {
         let config = &self.core().config;
         let lifetime = schedule::lifetime(config.ttl, config.jitter, self.core().rng.next_f64());
-        let (id, old) = self.generations.install(client, lifetime);
-        // Ours, plus every reservation and lease. Approximate: a handle
-        // that read the old id just before the swap may still pin it
-        // through its `Weak` after this count.
-        let in_flight = crate::sync::Arc::strong_count(&old) - 1;
+        let (id, outgoing) = self.generations.install(client, lifetime);
+        let old = outgoing.generation();
+        // Every reservation and lease still out. Approximate: a handle that
+        // read the old id just before the swap may still lease it through
+        // its `Weak` after this count.
+        let in_flight = old.in_flight();
         crate::trace::swapped(
             &old.figures(Instant::now(), in_flight, false),
             id,
             reason.as_str(),
         );
+        let weak = crate::sync::Arc::downgrade(old);
+        // Detached from here: it retires with its last lease, perhaps now.
+        drop(outgoing);
         if let (Some(timeout), true) = (config.drain_timeout, in_flight > 0) {
             if let Some(deadline) = Instant::now().checked_add(timeout) {
-                let weak = crate::sync::downgrade(&old);
                 self.spawn(async move {
                     tokio::time::sleep_until(deadline).await;
                     if let Some(generation) = weak.upgrade() {
@@ -90,7 +93,6 @@ where
                 });
             }
         }
-        drop(old);
         id
     }
 
@@ -165,12 +167,12 @@ impl<S: 'static> Rotator<S> {
 
     /// Id, birth and expiry of the current generation.
     fn current_deadline(&self) -> (u64, Instant, Option<Instant>) {
-        let current = self.generations.load();
+        let current = self.generations.current();
         (current.id, current.born, current.expires_at)
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        let current_generation = self.generations.load().id;
+        let current_generation = self.generations.current().id;
         let core = self.core();
         Stats {
             current_generation: GenerationId(current_generation),

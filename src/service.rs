@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::error::RotateError;
 use crate::future::ResponseFuture;
-use crate::generation::{self, Generation};
+use crate::generation::{GenerationShard, Renewal};
 use crate::lease::Lease;
 use crate::response::ClientResponse;
 use crate::rotator::Rotator;
@@ -35,25 +35,39 @@ use crate::sync;
 ///   as tower's `Service` contract requires. Dropping the handle releases
 ///   it.
 /// - *After `call`*: a clone of the client it used, reused for the next
-///   request while that generation is current, and a `Weak` reference to
-///   the generation. Neither pins the generation, which retires and is
-///   handed to the retire hook as usual; but the clone itself, and whatever
-///   it shares with the other clones (a pool, a connection task), lives
-///   until the handle is next polled or dropped. A long-lived worker handle
-///   can therefore keep a retired client's connections open after the
+///   request while that generation is current, and (from its second
+///   request on) a `Weak` reference to its thread's shard of the
+///   generation. Neither pins the generation, which retires and is handed
+///   to the retire hook as usual; but the clone itself, and whatever it
+///   shares with the other clones (a pool, a connection task), lives until
+///   the handle is next polled or dropped. A long-lived worker handle can
+///   therefore keep a retired client's connections open after the
 ///   generation has retired; drop or re-poll it, or use a fresh clone per
 ///   request (as `ServiceExt::oneshot` on a clone does).
 ///
 /// # Cost per request
 ///
-/// A long-lived handle whose generation is current pays, in `poll_ready`,
-/// two atomic loads (is the timer started, which generation is current)
-/// and one reference count taken through its `Weak`; in `call`, one
-/// relaxed request count; at the end of the body, one reference count
-/// released. A handle on a generation it has not used before (every fresh
-/// clone, and every handle after a rotation) also reads the arc-swap slot
-/// and clones the generation's client under a short lock. Nothing on this
-/// path allocates or reads a clock.
+/// Leases are spread over *shards*, one per lane, and each thread uses the
+/// lane `thread number mod lanes` (four lanes per available core, rounded
+/// up to a power of two). A long-lived handle whose generation is current,
+/// used on the thread it last used, pays two atomic read-modify-writes,
+/// both on its thread's shard: one to take the lease in `poll_ready` (a
+/// `Weak` upgrade) and one to release it when the body ends. Besides that:
+/// one atomic load (which generation is current), two thread-local reads,
+/// and a plain store to count the request. Nothing on this path writes a
+/// cache line that another thread writes, allocates, reads a clock or
+/// checks an option that is off.
+///
+/// A handle on a generation it has not used before (every fresh clone, and
+/// every handle after a rotation), on its second request, or on another
+/// thread, takes the lease under its lane's lock instead, and clones the
+/// client kept in the lane. The lane also keeps one clone of the current
+/// client per lane in use, dropped at the next swap. The first request in
+/// a lane after a swap allocates that lane's shard.
+///
+/// With `max_requests_per_generation` set, every request is also counted
+/// on the generation itself (one more read-modify-write, on a line shared
+/// by all threads), which keeps the cap exact.
 ///
 /// # Panics
 ///
@@ -63,7 +77,7 @@ use crate::sync;
 pub struct RotatingClient<S: 'static> {
     rotator: Arc<Rotator<S>>,
     cached: Option<Cached<S>>,
-    reserved: Option<sync::Arc<Generation<S>>>,
+    reserved: Option<sync::Arc<GenerationShard<S>>>,
 }
 
 /// A handle's own clone of one generation's client.
@@ -72,9 +86,16 @@ struct Cached<S: 'static> {
     /// Only ever used through `get_mut` (no locking): the `Mutex` is what
     /// makes a handle `Sync` when `S` is only `Send`.
     client: Mutex<S>,
-    /// Lets the next `poll_ready` pin this generation without reading the
-    /// slot, while it is current. A `Weak` does not keep the client alive.
-    weak: sync::Weak<Generation<S>>,
+    /// The shard of this thread's lane, once the handle has used it twice:
+    /// the next `poll_ready` leases it by upgrading this `Weak`, while the
+    /// generation is current and the handle on the same thread. A `Weak`
+    /// keeps neither the shard's hold nor the client.
+    shard: Option<sync::Weak<GenerationShard<S>>>,
+    /// The thread `shard` belongs to (`sync::thread_index`).
+    thread: usize,
+    /// Whether responses need a look (failure trigger, extension): read
+    /// from the config once per handle and generation, not per request.
+    observe: bool,
 }
 
 impl<S> Cached<S> {
@@ -158,7 +179,10 @@ impl<S: 'static> fmt::Debug for RotatingClient<S> {
                 "cached_generation",
                 &self.cached.as_ref().map(|c| c.generation),
             )
-            .field("reserved_generation", &self.reserved.as_ref().map(|g| g.id))
+            .field(
+                "reserved_generation",
+                &self.reserved.as_ref().map(|shard| shard.holder().id),
+            )
             .field("config", &self.rotator.core().config)
             .finish()
     }
@@ -174,52 +198,80 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.reserved.is_some() {
             // Ready already: stay on the reserved generation until `call`.
             return self.poll_cached(cx, None);
         }
-        self.rotator.ensure_driver();
-        let generations = self.rotator.generations();
-        // Fast path: our client is from the current generation, which is
-        // still alive. One atomic load and one reference count.
+        // Fast path: our client is from the current generation and we are
+        // on the thread whose shard we know. One atomic load, one
+        // thread-local read, one reference count on this thread's line.
         if let Some(cached) = &self.cached {
-            if cached.generation == generations.current_id() {
-                if let Some(generation) = cached.weak.upgrade() {
-                    return self.poll_cached(cx, Some(generation));
+            if cached.generation == self.rotator.generations().current_id()
+                && cached.thread == sync::thread_index()
+            {
+                if let Some(lease) = cached.shard.as_ref().and_then(sync::Weak::upgrade) {
+                    return self.poll_cached(cx, Some(lease));
                 }
             }
         }
-        loop {
-            let current = generations.load();
-            if self
-                .cached
-                .as_ref()
-                .is_some_and(|c| c.generation == current.id)
-            {
-                return self.poll_cached(cx, Some(generation::pin(current)));
-            }
-            // A new generation for this handle: take a clone of its client.
-            // `None` means it was force-retired between our load and now;
-            // a newer generation is current, so load again.
-            if let Some(client) = current.clone_client() {
-                self.cached = Some(Cached {
-                    generation: current.id,
-                    client: Mutex::new(client),
-                    weak: sync::downgrade(&current),
-                });
-                return self.poll_cached(cx, Some(generation::pin(current)));
-            }
-        }
+        self.poll_lane(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let (Some(generation), Some(cached)) = (self.reserved.take(), self.cached.as_mut()) else {
+        let (Some(lease), Some(cached)) = (self.reserved.take(), self.cached.as_mut()) else {
             panic!("RotatingClient::call was called before poll_ready returned Ready; call poll_ready (or ServiceExt::ready) first");
         };
-        generation.record_request();
-        let observe = generation.core.config.observes_responses();
-        ResponseFuture::new(cached.client().call(req), Lease::new(generation), observe)
+        lease.count_request();
+        ResponseFuture::new(cached.client().call(req), Lease::new(lease), cached.observe)
+    }
+}
+
+impl<S> RotatingClient<S>
+where
+    S: Clone + Send + 'static,
+{
+    /// The slow path of `poll_ready`: a fresh handle, a new generation, the
+    /// second request of a handle, or another thread. Takes the lease in
+    /// this thread's lane, under its lock.
+    #[cold]
+    #[inline(never)]
+    fn poll_lane<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
+    where
+        S: Service<Req>,
+    {
+        self.rotator.ensure_driver();
+        let thread = sync::thread_index();
+        let generations = self.rotator.generations();
+        loop {
+            let have = self.cached.as_ref().map(|cached| cached.generation);
+            // `None`: the lane's generation lost its client to
+            // `drain_timeout` just now, which means a newer one is in the
+            // lane already.
+            let Some(taken) = generations.take_lease(thread, have) else {
+                continue;
+            };
+            match taken.renewal {
+                Renewal::Weak(shard) => {
+                    if let Some(cached) = &mut self.cached {
+                        cached.shard = Some(shard);
+                        cached.thread = thread;
+                    }
+                }
+                Renewal::Client(client) => {
+                    self.cached = Some(Cached {
+                        generation: taken.id,
+                        client: Mutex::new(client),
+                        shard: None,
+                        thread,
+                        observe: self.rotator.core().config.observes_responses(),
+                    });
+                }
+            }
+            return self.poll_cached(cx, Some(taken.lease));
+        }
     }
 }
 
@@ -230,7 +282,7 @@ impl<S: 'static> RotatingClient<S> {
     fn poll_cached<Req>(
         &mut self,
         cx: &mut Context<'_>,
-        current: Option<sync::Arc<Generation<S>>>,
+        current: Option<sync::Arc<GenerationShard<S>>>,
     ) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,

@@ -82,7 +82,10 @@ pub struct GenerationStats {
     /// other threads may be off by the ones that start or finish during
     /// it. Always zero for a generation handed to the retire hook.
     pub in_flight: usize,
-    /// Requests this generation has served.
+    /// Requests this generation has served, counted at `call`. Each thread
+    /// counts on its own shard; a snapshot sums them, so one taken while
+    /// requests start on other threads may miss the latest. Exact in the
+    /// figures handed to the retire hook.
     pub requests: u64,
     /// Whether this is the current generation. At retirement, `true` only
     /// for the last generation, retired while current once every handle

@@ -338,8 +338,9 @@ async fn at_the_drain_timeout_the_layer_lets_go_of_its_client() {
     let (tx, mut body) = open_stream(&client).await;
     assert_eq!(
         builds.live_copies(1),
-        1,
-        "only the layer holds client 1: the body needs no copy"
+        2,
+        "only the layer holds client 1 (its template and the clone in this \
+         thread's lane): the body needs no copy"
     );
     client.rotate().await.expect("builds");
     advance(Duration::from_secs(59)).await;
