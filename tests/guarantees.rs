@@ -440,42 +440,40 @@ async fn a_handle_moves_to_the_new_generation_even_while_its_old_one_is_alive() 
         .jitter(0.0)
         .on_retire(retired.hook())
         .layer(builds.factory());
-    // A long-lived worker handle, reused for every request.
+    // A long-lived worker handle, reused for every request. Its first
+    // request on a generation clones the client; from its second on it
+    // takes its lease on the fast path, through a `Weak` to its shard.
     let mut worker = client.clone();
-    let (tx, request) = open_request();
-    let streaming = worker
-        .ready()
-        .await
-        .expect("infallible")
-        .call(request)
-        .await
-        .expect("infallible");
-    assert_eq!(served_by(&streaming), 1);
-
-    for expected in 2..=4 {
-        client.rotate().await.expect("builds");
-        settle().await;
-        assert!(
-            !retired.ids().contains(&1),
-            "generation 1 is alive: its stream is open"
-        );
-        let (_tx, request) = open_request();
-        let response = worker
-            .ready()
-            .await
-            .expect("infallible")
-            .call(request)
-            .await
-            .expect("infallible");
-        assert_eq!(
-            served_by(&response),
-            expected,
-            "served by the current generation"
-        );
+    let mut open = Vec::new();
+    for expected in 1..=4usize {
+        if expected > 1 {
+            client.rotate().await.expect("builds");
+            settle().await;
+            assert!(
+                !retired.ids().contains(&(expected as u64 - 1)),
+                "generation {} is alive: its streams are open",
+                expected - 1
+            );
+        }
+        for _ in 0..2 {
+            let (tx, request) = open_request();
+            let response = worker
+                .ready()
+                .await
+                .expect("infallible")
+                .call(request)
+                .await
+                .expect("infallible");
+            assert_eq!(
+                served_by(&response),
+                expected,
+                "served by the current generation"
+            );
+            open.push((tx, response));
+        }
     }
-    drop(tx);
-    drop(streaming);
-    assert!(retired.ids().contains(&1));
+    drop(open);
+    assert_eq!(retired.ids(), vec![1, 2, 3], "the old ones retired");
 }
 
 // ---------------------------------------------------------------------------
