@@ -9,21 +9,47 @@
 //!
 //! - `bare`: the trivial client alone;
 //! - `rotating/no_rotation`: `RotatingClient` with a 1 h TTL;
-//! - `rotating/rotate_every_1000`: `RotatingClient`, `rotate()` every 1,000
-//!   requests (a sync factory, so a rotation is a build plus a swap);
+//! - `rotating/rotate_every_1000`: `RotatingClient`, `rotate()` about every
+//!   1,000 requests (a sync factory, so a rotation is a build plus a swap);
 //! - `alt/*`: other ways to swap a client, written here, that do the same
 //!   work per request (reserve the current generation in `poll_ready`,
 //!   reuse a cached clone of its client, count the request, keep the
 //!   generation alive until the body is drained): a `RwLock<Arc<_>>`, a
 //!   `Mutex<Arc<_>>` and arc-swap's `load_full()`, plus `weak_upgrade`, the
 //!   layer's own fast path stripped of its features (see `WeakClient`).
+//!   Like a `RotatingClient`, a clone of one starts with nothing cached.
 //!
-//! Group `single_thread` runs one handle; group `two_threads` runs two
-//! threads, each with its own handle on one shared service, and reports wall
-//! time per request (total wall time / total requests).
+//! Groups, the columns of the final table, each with every variant:
 //!
-//! After criterion's own report, a table of medians and ratios to `bare` is
-//! printed. `cargo bench --bench hot_path -- --quick` is a short run;
+//! - `single_thread`: one long-lived handle on one thread, over `Trivial`;
+//! - `two_threads`, `four_threads`: `n` threads, each with its own
+//!   long-lived clone of one shared service, over `Trivial`. The figure is
+//!   wall time per request: from the first thread's start to the last
+//!   thread's end, over the total number of requests. In
+//!   `rotate_every_1000`, thread 0 rotates after every `1000 / n` of its own
+//!   requests, so about every 1,000 requests overall. On a machine with
+//!   fewer than four cores (the reference machine has two), four threads are
+//!   oversubscribed: they take turns on the cores, and a thread preempted
+//!   inside a critical section (`alt/mutex_arc`, `alt/rwlock_arc`) holds up
+//!   the others;
+//! - `clone_per_request`: one thread; every request goes through a fresh
+//!   clone of a stored service, dropped after its request (what axum's
+//!   `State` and `ServiceExt::oneshot` do). The inner client is
+//!   `SharedTrivial`, whose clone bumps one `Arc` like a real client's
+//!   handle, so `bare` is that clone plus the request; a fresh
+//!   `RotatingClient` (or `alt/*`) handle finds nothing cached and clones
+//!   the current generation's client on its first `poll_ready`.
+//!   `rotate_every_1000` rotates every 1,000 requests.
+//!
+//! After criterion's own report, a table of medians and ratios to the `bare`
+//! of the same column is printed, with the cost of one atomic operation
+//! (group `calibration`) and the speed-up of `bare` on two and four threads.
+//!
+//! Each benchmark warms up for 0.5 s and measures for 2 s (criterion's
+//! defaults: 3 s + 5 s), and criterion draws no HTML plots. A full
+//! `cargo bench --bench hot_path` (30 benchmarks) took 123 s on the
+//! reference machine (two cores, shared with other work);
+//! `cargo bench --bench hot_path -- --quick` is a shorter run;
 //! `cargo test --bench hot_path` runs each variant once, as a smoke test.
 
 use std::collections::BTreeMap;
@@ -37,14 +63,16 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_rotating_client::RotatingClientLayer;
 
-/// Requests between two rotations in `rotating/rotate_every_1000`.
+/// Requests between two rotations in `rotating/rotate_every_1000`, overall.
 const ROTATE_EVERY: u64 = 1_000;
 
 // ---------------------------------------------------------------------------
@@ -56,7 +84,7 @@ const ROTATE_EVERY: u64 = 1_000;
 #[path = "../tests/test_utils/trivial.rs"]
 mod trivial;
 
-use trivial::{one_request, Trivial};
+use trivial::{one_request, SharedTrivial, Trivial};
 
 /// `n` requests. One function per variant, never inlined into the
 /// harness, so that every variant's loop is compiled alike whatever else
@@ -73,23 +101,34 @@ where
     }
 }
 
-/// `n` requests, calling `rotate` after every `every`-th request (counted
-/// across calls in `count`).
-fn requests_rotating<S, B>(
-    service: &mut S,
-    cx: &mut Context<'_>,
-    mut n: u64,
-    count: &mut u64,
-    every: u64,
-    rotate: &dyn Fn(),
-) where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+/// `n` requests, each on a fresh clone of `stored`, dropped after its
+/// request. One function per variant, never inlined, like [`requests`].
+#[inline(never)]
+fn requests_fresh<S, B>(stored: &S, cx: &mut Context<'_>, n: u64)
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
+    for _ in 0..n {
+        let mut service = stored.clone();
+        std::hint::black_box(one_request(&mut service, cx));
+        drop(service);
+    }
+}
+
+/// `n` requests, run in chunks by `run(chunk)`, calling `rotate` after
+/// every `every`-th request (counted across calls in `count`).
+fn with_rotations(
+    mut n: u64,
+    count: &mut u64,
+    every: u64,
+    mut run: impl FnMut(u64),
+    rotate: &dyn Fn(),
+) {
     while n > 0 {
         let chunk = n.min(every - *count % every);
-        requests(service, cx, chunk);
+        run(chunk);
         n -= chunk;
         *count += chunk;
         if *count % every == 0 {
@@ -452,167 +491,263 @@ const VARIANTS: [&str; 7] = [
     "alt/weak_upgrade",
 ];
 
-/// Benchmarks `service` on one thread, `iters` requests per sample.
-fn single<S, B>(
-    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    samples: &Samples,
-    id: &str,
-    mut service: S,
-) where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    one_request(&mut service, &mut cx);
-    group.bench_function(id, |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            requests(&mut service, &mut cx, iters);
-            let elapsed = start.elapsed();
-            samples.record(&format!("single_thread/{id}"), iters, elapsed);
-            elapsed
-        })
-    });
+/// How a group runs its requests: one column of the table.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// One long-lived handle on one thread.
+    Single,
+    /// This many threads, each with its own long-lived clone.
+    Threads(u64),
+    /// One thread; every request on a fresh clone of the stored service.
+    ClonePerRequest,
 }
 
-/// Benchmarks two threads, each with its own clone of `service`, `iters`
-/// requests each per sample. The time reported is wall time per request:
-/// from the first thread's start to the last thread's end, halved.
-///
-/// `rotate`, if given, is called by the first thread every `ROTATE_EVERY / 2`
-/// of its requests, so about every `ROTATE_EVERY` requests overall.
-fn two_threads<S, B>(
-    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+/// The columns of the table, in order.
+const COLUMNS: [Mode; 4] = [
+    Mode::Single,
+    Mode::Threads(2),
+    Mode::Threads(4),
+    Mode::ClonePerRequest,
+];
+
+impl Mode {
+    /// The criterion group, which also prefixes the recorded samples.
+    fn group(self) -> &'static str {
+        match self {
+            Mode::Single => "single_thread",
+            Mode::Threads(2) => "two_threads",
+            Mode::Threads(4) => "four_threads",
+            Mode::Threads(n) => panic!("no group for {n} threads"),
+            Mode::ClonePerRequest => "clone_per_request",
+        }
+    }
+}
+
+/// Benchmarks `service` as `mode` says, under `id`. `rotate`, if given,
+/// rotates the service about every `ROTATE_EVERY` requests. Returns whether
+/// enough requests ran for at least one rotation to be due.
+fn measure<S, B>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
     samples: &Samples,
+    mode: Mode,
     id: &str,
     service: S,
     rotate: Option<&(dyn Fn() + Sync)>,
-) where
+) -> bool
+where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send,
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    // Requests of the rotating thread, across samples.
-    let rotation_count = AtomicU64::new(0);
-    group.bench_function(id, |b| {
-        b.iter_custom(|iters| {
-            let barrier = Barrier::new(2);
-            let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
-                let threads: Vec<_> = (0..2)
-                    .map(|thread| {
-                        let mut service = service.clone();
-                        let (barrier, rotation_count) = (&barrier, &rotation_count);
-                        scope.spawn(move || {
-                            let mut cx = Context::from_waker(Waker::noop());
-                            // A new handle clones its client on first use,
-                            // and arc-swap sets up per-thread state: not
-                            // part of the measurement.
-                            one_request(&mut service, &mut cx);
-                            barrier.wait();
-                            let start = Instant::now();
-                            match rotate.filter(|_| thread == 0) {
-                                Some(rotate) => {
-                                    let mut count = rotation_count.load(Ordering::Relaxed);
-                                    requests_rotating(
-                                        &mut service,
-                                        &mut cx,
-                                        iters,
-                                        &mut count,
-                                        ROTATE_EVERY / 2,
-                                        rotate,
-                                    );
-                                    rotation_count.store(count, Ordering::Relaxed);
-                                }
-                                None => requests(&mut service, &mut cx, iters),
-                            }
-                            (start, Instant::now())
-                        })
-                    })
-                    .collect();
-                threads
-                    .into_iter()
-                    .map(|thread| thread.join().expect("bench thread"))
-                    .collect()
+    let key = format!("{}/{id}", mode.group());
+    let mut bench = |run: &mut dyn FnMut(u64) -> Duration| {
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = run(iters);
+                samples.record(&key, iters, elapsed);
+                elapsed
+            })
+        });
+    };
+    match mode {
+        Mode::Single => {
+            let mut service = service;
+            let mut cx = Context::from_waker(Waker::noop());
+            // A new handle clones its client on first use, and arc-swap
+            // sets up per-thread state: not part of the measurement.
+            one_request(&mut service, &mut cx);
+            // Requests, across samples.
+            let mut count = 0;
+            bench(&mut |iters| {
+                let start = Instant::now();
+                match rotate {
+                    Some(rotate) => with_rotations(
+                        iters,
+                        &mut count,
+                        ROTATE_EVERY,
+                        |chunk| requests(&mut service, &mut cx, chunk),
+                        rotate,
+                    ),
+                    None => requests(&mut service, &mut cx, iters),
+                }
+                start.elapsed()
             });
-            let start = spans.iter().map(|span| span.0).min().expect("two spans");
-            let end = spans.iter().map(|span| span.1).max().expect("two spans");
-            let per_request = (end - start) / 2;
-            samples.record(&format!("two_threads/{id}"), iters, per_request);
-            per_request
-        })
-    });
+            count >= ROTATE_EVERY
+        }
+        Mode::Threads(n) => {
+            let every = ROTATE_EVERY / n;
+            // Requests of the rotating thread, across samples.
+            let rotation_count = AtomicU64::new(0);
+            bench(&mut |iters| threads(n, &service, iters, every, &rotation_count, rotate));
+            rotation_count.into_inner() >= every
+        }
+        Mode::ClonePerRequest => {
+            let stored = service;
+            let mut cx = Context::from_waker(Waker::noop());
+            // arc-swap sets up per-thread state on first use: not part of
+            // the measurement. Every measured request pays for its handle.
+            requests_fresh(&stored, &mut cx, 1);
+            // Requests, across samples.
+            let mut count = 0;
+            bench(&mut |iters| {
+                let start = Instant::now();
+                match rotate {
+                    Some(rotate) => with_rotations(
+                        iters,
+                        &mut count,
+                        ROTATE_EVERY,
+                        |chunk| requests_fresh(&stored, &mut cx, chunk),
+                        rotate,
+                    ),
+                    None => requests_fresh(&stored, &mut cx, iters),
+                }
+                start.elapsed()
+            });
+            count >= ROTATE_EVERY
+        }
+    }
 }
 
-fn bench_single_thread(c: &mut Criterion, samples: &Samples) {
+/// One sample on `n` threads, each with its own clone of `service`, `iters`
+/// requests each. Returns wall time per request: from the first thread's
+/// start to the last thread's end, over `n`.
+///
+/// `rotate`, if given, is called by thread 0 every `every` of its requests
+/// (counted across samples in `rotation_count`).
+fn threads<S, B>(
+    n: u64,
+    service: &S,
+    iters: u64,
+    every: u64,
+    rotation_count: &AtomicU64,
+    rotate: Option<&(dyn Fn() + Sync)>,
+) -> Duration
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let barrier = Barrier::new(usize::try_from(n).expect("a few threads"));
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|thread| {
+                let mut service = service.clone();
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let mut cx = Context::from_waker(Waker::noop());
+                    // A new handle clones its client on first use, and
+                    // arc-swap sets up per-thread state: not part of the
+                    // measurement.
+                    one_request(&mut service, &mut cx);
+                    barrier.wait();
+                    let start = Instant::now();
+                    match rotate.filter(|_| thread == 0) {
+                        Some(rotate) => {
+                            let mut count = rotation_count.load(Ordering::Relaxed);
+                            with_rotations(
+                                iters,
+                                &mut count,
+                                every,
+                                |chunk| requests(&mut service, &mut cx, chunk),
+                                rotate,
+                            );
+                            rotation_count.store(count, Ordering::Relaxed);
+                        }
+                        None => requests(&mut service, &mut cx, iters),
+                    }
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("bench thread"))
+            .collect()
+    });
+    let start = spans.iter().map(|span| span.0).min().expect("n spans");
+    let end = spans.iter().map(|span| span.1).max().expect("n spans");
+    (end - start) / u32::try_from(n).expect("a few threads")
+}
+
+/// Group `mode.group()`: every variant, over the inner client `inner` (the
+/// rotating variants' factories clone it).
+fn bench_group<C>(c: &mut Criterion, samples: &Samples, mode: Mode, inner: C)
+where
+    C: Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let rt = runtime();
     let _entered = rt.enter();
-    let mut group = c.benchmark_group("single_thread");
+    let mut group = c.benchmark_group(mode.group());
 
-    single(&mut group, samples, "bare", Trivial);
+    measure(&mut group, samples, mode, "bare", inner.clone(), None);
 
     let layer = RotatingClientLayer::new(Duration::from_secs(3600));
-    single(
+    let make = inner.clone();
+    measure(
         &mut group,
         samples,
+        mode,
         "rotating/no_rotation",
-        layer.layer(|| Trivial),
+        layer.layer(move || make.clone()),
+        None,
     );
 
     // `rotate()` with a sync factory completes on its first poll; run it
     // on the runtime all the same, which also lets the driver task see the
     // swap, as it would in production.
-    let client = layer.layer(|| Trivial);
-    let mut handle = client.clone();
-    let mut count = 0u64;
-    let mut cx = Context::from_waker(Waker::noop());
+    let make = inner.clone();
+    let client = layer.layer(move || make.clone());
     let rotate = || {
         rt.block_on(client.rotate()).expect("a sync build succeeds");
     };
-    group.bench_function("rotating/rotate_every_1000", |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            requests_rotating(
-                &mut handle,
-                &mut cx,
-                iters,
-                &mut count,
-                ROTATE_EVERY,
-                &rotate,
-            );
-            let elapsed = start.elapsed();
-            samples.record("single_thread/rotating/rotate_every_1000", iters, elapsed);
-            elapsed
-        })
-    });
+    let due = measure(
+        &mut group,
+        samples,
+        mode,
+        "rotating/rotate_every_1000",
+        client.clone(),
+        Some(&rotate),
+    );
     assert!(
-        count < ROTATE_EVERY || client.stats().rotations > 0,
+        !due || client.stats().rotations > 0,
         "the rotating variant did rotate"
     );
 
-    single(
+    measure(
         &mut group,
         samples,
+        mode,
         "alt/rwlock_arc",
-        AltClient::<RwLockSlot<_>, _>::new(Trivial),
+        AltClient::<RwLockSlot<_>, _>::new(inner.clone()),
+        None,
     );
-    single(
+    measure(
         &mut group,
         samples,
+        mode,
         "alt/mutex_arc",
-        AltClient::<MutexSlot<_>, _>::new(Trivial),
+        AltClient::<MutexSlot<_>, _>::new(inner.clone()),
+        None,
     );
-    single(
+    measure(
         &mut group,
         samples,
+        mode,
         "alt/arc_swap_load_full",
-        AltClient::<ArcSwapSlot<_>, _>::new(Trivial),
+        AltClient::<ArcSwapSlot<_>, _>::new(inner.clone()),
+        None,
     );
-    single(
+    measure(
         &mut group,
         samples,
+        mode,
         "alt/weak_upgrade",
-        WeakClient::new(Trivial),
+        WeakClient::new(inner),
+        None,
     );
     group.finish();
 }
@@ -647,68 +782,9 @@ fn bench_calibration(c: &mut Criterion, samples: &Samples) {
     group.finish();
 }
 
-fn bench_two_threads(c: &mut Criterion, samples: &Samples) {
-    let rt = runtime();
-    let _entered = rt.enter();
-    let mut group = c.benchmark_group("two_threads");
-
-    two_threads(&mut group, samples, "bare", Trivial, None);
-
-    let layer = RotatingClientLayer::new(Duration::from_secs(3600));
-    two_threads(
-        &mut group,
-        samples,
-        "rotating/no_rotation",
-        layer.layer(|| Trivial),
-        None,
-    );
-
-    let client = layer.layer(|| Trivial);
-    let rotate = || {
-        rt.block_on(client.rotate()).expect("a sync build succeeds");
-    };
-    two_threads(
-        &mut group,
-        samples,
-        "rotating/rotate_every_1000",
-        client.clone(),
-        Some(&rotate),
-    );
-
-    two_threads(
-        &mut group,
-        samples,
-        "alt/rwlock_arc",
-        AltClient::<RwLockSlot<_>, _>::new(Trivial),
-        None,
-    );
-    two_threads(
-        &mut group,
-        samples,
-        "alt/mutex_arc",
-        AltClient::<MutexSlot<_>, _>::new(Trivial),
-        None,
-    );
-    two_threads(
-        &mut group,
-        samples,
-        "alt/arc_swap_load_full",
-        AltClient::<ArcSwapSlot<_>, _>::new(Trivial),
-        None,
-    );
-    two_threads(
-        &mut group,
-        samples,
-        "alt/weak_upgrade",
-        WeakClient::new(Trivial),
-        None,
-    );
-    group.finish();
-}
-
-/// Prints medians and ratios to `bare`, as a Markdown table. Skipped when
-/// criterion only checked that each benchmark runs (`cargo test
-/// --benches`): one iteration says nothing.
+/// Prints medians and ratios to the `bare` of the same column, as a
+/// Markdown table. Skipped when criterion only checked that each benchmark
+/// runs (`cargo test --benches`): one iteration says nothing.
 fn print_table(samples: &Samples) {
     if samples.too_few() {
         println!("\n(test mode: no table of medians)");
@@ -716,27 +792,29 @@ fn print_table(samples: &Samples) {
     }
     println!(
         "\n| variant | 1 thread: ns/request | over bare (ns) | ratio to bare \
-         | 2 threads: ns/request | ratio to bare |"
+         | 2 threads: ns/request | ratio to bare \
+         | 4 threads: ns/request | ratio to bare \
+         | clone per request: ns/request | ratio to bare |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
-    let bare_single = samples.median_ns("single_thread/bare");
-    let bare_two = samples.median_ns("two_threads/bare");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let median =
+        |mode: Mode, variant: &str| samples.median_ns(&format!("{}/{variant}", mode.group()));
     let show =
         |value: Option<f64>, format: &dyn Fn(f64) -> String| value.map_or("-".to_owned(), format);
     for variant in VARIANTS {
-        let single = samples.median_ns(&format!("single_thread/{variant}"));
-        let two = samples.median_ns(&format!("two_threads/{variant}"));
-        let over = single.zip(bare_single).map(|(single, bare)| single - bare);
-        let single_ratio = single.zip(bare_single).map(|(single, bare)| single / bare);
-        let two_ratio = two.zip(bare_two).map(|(two, bare)| two / bare);
-        println!(
-            "| {variant} | {} | {} | {} | {} | {} |",
-            show(single, &|ns| format!("{ns:.1}")),
-            show(over, &|ns| format!("{ns:+.1}")),
-            show(single_ratio, &|ratio| format!("{ratio:.2}x")),
-            show(two, &|ns| format!("{ns:.1}")),
-            show(two_ratio, &|ratio| format!("{ratio:.2}x")),
-        );
+        let mut row = format!("| {variant} |");
+        for mode in COLUMNS {
+            let value = median(mode, variant);
+            let bare = median(mode, "bare");
+            row += &format!(" {} |", show(value, &|ns| format!("{ns:.1}")));
+            if let Mode::Single = mode {
+                let over = value.zip(bare).map(|(value, bare)| value - bare);
+                row += &format!(" {} |", show(over, &|ns| format!("{ns:+.1}")));
+            }
+            let ratio = value.zip(bare).map(|(value, bare)| value / bare);
+            row += &format!(" {} |", show(ratio, &|ratio| format!("{ratio:.2}x")));
+        }
+        println!("{row}");
     }
     if let (Some(rmw), Some(load)) = (
         samples.median_ns("calibration/fetch_add"),
@@ -747,26 +825,50 @@ fn print_table(samples: &Samples) {
              (loop included)"
         );
     }
-    if let (Some(single), Some(two)) = (bare_single, bare_two) {
+    let bare_single = median(Mode::Single, "bare");
+    if let (Some(single), Some(two)) = (bare_single, median(Mode::Threads(2), "bare")) {
         println!(
             "\nspeed-up of bare on two threads: {:.2} (2.00: the threads ran fully in parallel; \
              near 1: they mostly took turns, and the two-thread figures show little contention)",
             single / two
         );
     }
+    if let (Some(single), Some(four)) = (bare_single, median(Mode::Threads(4), "bare")) {
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        println!(
+            "\nspeed-up of bare on four threads: {:.2} (at most the number of cores, {cores})",
+            single / four
+        );
+        if cores < 4 {
+            println!(
+                "four threads on {cores} cores are oversubscribed: they take turns on the \
+                 cores, and a thread preempted inside a critical section (a lock) holds up \
+                 the others"
+            );
+        }
+    }
 }
 
 fn main() {
-    // Shorter than criterion's defaults (3 s + 5 s per benchmark), so that
-    // the 14 benchmarks take about a minute; arguments still override.
+    // Shorter than criterion's defaults (3 s + 5 s per benchmark), and no
+    // HTML plots (they added over a minute), so that the 30 benchmarks take
+    // about 2 minutes; arguments still override the times.
     let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .without_plots()
         .configure_from_args();
     let samples = Samples::default();
     bench_calibration(&mut criterion, &samples);
-    bench_single_thread(&mut criterion, &samples);
-    bench_two_threads(&mut criterion, &samples);
+    bench_group(&mut criterion, &samples, Mode::Single, Trivial);
+    bench_group(&mut criterion, &samples, Mode::Threads(2), Trivial);
+    bench_group(&mut criterion, &samples, Mode::Threads(4), Trivial);
+    bench_group(
+        &mut criterion,
+        &samples,
+        Mode::ClonePerRequest,
+        SharedTrivial::default(),
+    );
     criterion.final_summary();
     print_table(&samples);
 }

@@ -1,4 +1,5 @@
-//! The layer adds no heap allocation per request.
+//! The layer adds no heap allocation per request, on a long-lived handle
+//! or on a fresh clone of a stored one per request.
 //!
 //! Its own test binary, because it installs a counting global allocator.
 //! Allocations are counted per thread, so the test harness and other tests
@@ -20,7 +21,7 @@ use http_body_util::Full;
 use tower::{Layer, Service};
 use tower_rotating_client::{ResponseBody, ResponseFuture, RotatingClientLayer};
 
-use test_utils::{one_request, Trivial, TRIVIAL_BODY};
+use test_utils::{one_request, SharedTrivial, Trivial, TRIVIAL_BODY};
 
 /// Counts the allocations (and reallocations) of the current thread.
 struct Counting;
@@ -95,6 +96,35 @@ where
     allocated
 }
 
+/// Allocations made by `requests` requests, each on a fresh clone of
+/// `stored` dropped after its request (axum's `State`, `oneshot`), after a
+/// warm-up (which sets up arc-swap's per-thread state).
+fn count_fresh_allocations<S, B>(stored: &S, requests: usize) -> u64
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..100 {
+        one_request(&mut stored.clone(), &mut cx);
+    }
+    let before = allocations();
+    let mut bytes = 0;
+    for _ in 0..requests {
+        let mut service = stored.clone();
+        bytes += one_request(&mut service, &mut cx);
+        drop(service);
+    }
+    let allocated = allocations() - before;
+    assert_eq!(
+        bytes,
+        requests * TRIVIAL_BODY.len(),
+        "every request read the whole body"
+    );
+    allocated
+}
+
 const REQUESTS: usize = 10_000;
 
 #[test]
@@ -122,6 +152,40 @@ fn the_layer_adds_no_allocation_per_request() {
     );
     assert_eq!(
         client.stats().generations[0].requests,
+        REQUESTS as u64 + 100,
+        "every request went through the layer"
+    );
+}
+
+#[test]
+fn a_fresh_handle_per_request_adds_no_allocation() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    let _entered = runtime.enter();
+
+    let shared = SharedTrivial::default();
+    let bare = count_fresh_allocations(&shared, REQUESTS);
+    assert_eq!(
+        bare, 0,
+        "a SharedTrivial cloned per request (one Arc increment) allocates nothing"
+    );
+
+    let client = RotatingClientLayer::new(Duration::from_secs(3600)).layer(move || shared.clone());
+    let layered = count_fresh_allocations(&client, REQUESTS);
+    println!(
+        "allocations over {REQUESTS} requests, each on a fresh clone: \
+         bare {bare}, RotatingClient {layered}"
+    );
+    assert_eq!(
+        layered, bare,
+        "a fresh RotatingClient handle per request allocates nothing without rotation"
+    );
+    let stats = client.stats();
+    assert_eq!(stats.rotations, 0, "no rotation during the count");
+    assert_eq!(
+        stats.generations[0].requests,
         REQUESTS as u64 + 100,
         "every request went through the layer"
     );

@@ -1,10 +1,11 @@
-//! A client that answers at once and allocates nothing, and one request
-//! through a service polled by hand: for the allocation test and the hot
-//! path benchmark, which includes this file alone.
+//! Clients that answer at once and allocate nothing per request, and one
+//! request through a service polled by hand: for the allocation test and the
+//! hot path benchmark, which includes this file alone.
 
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -36,6 +37,45 @@ impl Service<Request<()>> for Trivial {
     fn call(&mut self, _request: Request<()>) -> Self::Future {
         ready(Ok(Response::new(Full::new(Bytes::from_static(
             TRIVIAL_BODY,
+        )))))
+    }
+}
+
+/// [`Trivial`] with its state behind one `Arc`, as a real client's handle
+/// is (a `reqwest::Client` is one `Arc`; a hyper client a few): cloning it
+/// is one atomic increment, dropping a clone one decrement. The body it
+/// answers with is read through the `Arc`; otherwise a request does what
+/// [`Trivial`]'s does and allocates nothing.
+#[derive(Clone, Debug)]
+pub struct SharedTrivial(Arc<Shared>);
+
+/// What a [`SharedTrivial`] and its clones share.
+#[derive(Debug)]
+struct Shared {
+    body: &'static [u8],
+}
+
+impl Default for SharedTrivial {
+    /// A client answering with [`TRIVIAL_BODY`]. Allocates its `Arc`.
+    fn default() -> Self {
+        SharedTrivial(Arc::new(Shared { body: TRIVIAL_BODY }))
+    }
+}
+
+impl Service<Request<()>> for SharedTrivial {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, _request: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(Full::new(Bytes::from_static(
+            self.0.body,
         )))))
     }
 }
