@@ -452,10 +452,10 @@ impl Samples {
             .push((iters, elapsed));
     }
 
-    /// Whether any benchmark has fewer than 10 samples.
-    fn too_few(&self) -> bool {
+    /// How many samples benchmark `id` has.
+    fn count(&self, id: &str) -> usize {
         let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        samples.is_empty() || samples.values().any(|samples| samples.len() < 10)
+        samples.get(id).map_or(0, Vec::len)
     }
 
     /// Median time per iteration, in ns.
@@ -523,42 +523,54 @@ impl Mode {
     }
 }
 
-/// Benchmarks `service` as `mode` says, under `id`. `rotate`, if given,
-/// rotates the service about every `ROTATE_EVERY` requests. Returns whether
-/// enough requests ran for at least one rotation to be due.
-fn measure<S, B>(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    samples: &Samples,
+/// One variant in one column, ready to run: `run(n)` sends `n` requests
+/// (per thread, for `Threads`) and returns the time per request times `n`.
+struct Runner<'a> {
+    id: &'static str,
+    run: Box<dyn FnMut(u64) -> Duration + 'a>,
+    /// Requests given to `run` after which a rotation is due.
+    due_after: u64,
+    /// Requests given to `run` so far.
+    ran: u64,
+}
+
+impl Runner<'_> {
+    fn run(&mut self, n: u64) -> Duration {
+        self.ran += n;
+        (self.run)(n)
+    }
+
+    /// Whether enough requests ran for at least one rotation to be due.
+    fn rotation_due(&self) -> bool {
+        self.ran >= self.due_after
+    }
+}
+
+/// `service` as `mode` runs it. `rotate`, if given, rotates the service
+/// about every `ROTATE_EVERY` requests.
+fn runner<'a, S, B>(
     mode: Mode,
-    id: &str,
+    id: &'static str,
     service: S,
-    rotate: Option<&(dyn Fn() + Sync)>,
-) -> bool
+    rotate: Option<&'a (dyn Fn() + Sync)>,
+) -> Runner<'a>
 where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send,
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send + 'a,
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    let key = format!("{}/{id}", mode.group());
-    let mut bench = |run: &mut dyn FnMut(u64) -> Duration| {
-        group.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                let elapsed = run(iters);
-                samples.record(&key, iters, elapsed);
-                elapsed
-            })
-        });
-    };
-    match mode {
+    let (run, due_after): (Box<dyn FnMut(u64) -> Duration + 'a>, u64) = match mode {
         Mode::Single => {
             let mut service = service;
             let mut cx = Context::from_waker(Waker::noop());
-            // A new handle clones its client on first use, and arc-swap
-            // sets up per-thread state: not part of the measurement.
+            // A new handle clones its client on first use (and takes its
+            // `Weak` on the second), and arc-swap sets up per-thread
+            // state: not part of the measurement.
+            one_request(&mut service, &mut cx);
             one_request(&mut service, &mut cx);
             // Requests, across samples.
             let mut count = 0;
-            bench(&mut |iters| {
+            let run = move |iters| {
                 let start = Instant::now();
                 match rotate {
                     Some(rotate) => with_rotations(
@@ -571,15 +583,15 @@ where
                     None => requests(&mut service, &mut cx, iters),
                 }
                 start.elapsed()
-            });
-            count >= ROTATE_EVERY
+            };
+            (Box::new(run), ROTATE_EVERY)
         }
         Mode::Threads(n) => {
             let every = ROTATE_EVERY / n;
             // Requests of the rotating thread, across samples.
             let rotation_count = AtomicU64::new(0);
-            bench(&mut |iters| threads(n, &service, iters, every, &rotation_count, rotate));
-            rotation_count.into_inner() >= every
+            let run = move |iters| threads(n, &service, iters, every, &rotation_count, rotate);
+            (Box::new(run), every)
         }
         Mode::ClonePerRequest => {
             let stored = service;
@@ -589,7 +601,7 @@ where
             requests_fresh(&stored, &mut cx, 1);
             // Requests, across samples.
             let mut count = 0;
-            bench(&mut |iters| {
+            let run = move |iters| {
                 let start = Instant::now();
                 match rotate {
                     Some(rotate) => with_rotations(
@@ -602,8 +614,53 @@ where
                     None => requests_fresh(&stored, &mut cx, iters),
                 }
                 start.elapsed()
-            });
-            count >= ROTATE_EVERY
+            };
+            (Box::new(run), ROTATE_EVERY)
+        }
+    };
+    Runner {
+        id,
+        run,
+        due_after,
+        ran: 0,
+    }
+}
+
+/// Rounds of the interleaved pass, and requests per variant and round (per
+/// thread in the multi-thread columns): about 10-20 ms each.
+const ROUNDS: usize = 31;
+const PER_ROUND: u64 = 100_000;
+
+/// Benchmarks each runner with criterion, then, unless criterion is only
+/// testing (one iteration each), runs the interleaved pass: `ROUNDS`
+/// rounds, each running every variant once in turn (starting one further
+/// each round), so that the machine's slow and fast phases fall on all
+/// variants alike.
+fn bench_runners(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    samples: &Samples,
+    mode: Mode,
+    runners: &mut [Runner<'_>],
+) {
+    for runner in runners.iter_mut() {
+        let key = format!("{}/{}", mode.group(), runner.id);
+        group.bench_function(runner.id, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = runner.run(iters);
+                samples.record(&key, iters, elapsed);
+                elapsed
+            })
+        });
+    }
+    if samples.count(&format!("{}/bare", mode.group())) < 10 {
+        return;
+    }
+    for round in 0..ROUNDS {
+        for k in 0..runners.len() {
+            let runner = &mut runners[(round + k) % runners.len()];
+            let elapsed = runner.run(PER_ROUND);
+            let key = format!("interleaved/{}/{}", mode.group(), runner.id);
+            samples.record(&key, PER_ROUND, elapsed);
         }
     }
 }
@@ -683,73 +740,53 @@ where
     let _entered = rt.enter();
     let mut group = c.benchmark_group(mode.group());
 
-    measure(&mut group, samples, mode, "bare", inner.clone(), None);
-
     let layer = RotatingClientLayer::new(Duration::from_secs(3600));
     let make = inner.clone();
-    measure(
-        &mut group,
-        samples,
-        mode,
-        "rotating/no_rotation",
-        layer.layer(move || make.clone()),
-        None,
-    );
-
+    let steady = layer.layer(move || make.clone());
+    let make = inner.clone();
+    let rotating = layer.layer(move || make.clone());
     // `rotate()` with a sync factory completes on its first poll; run it
     // on the runtime all the same, which also lets the driver task see the
     // swap, as it would in production.
-    let make = inner.clone();
-    let client = layer.layer(move || make.clone());
     let rotate = || {
-        rt.block_on(client.rotate()).expect("a sync build succeeds");
+        rt.block_on(rotating.rotate())
+            .expect("a sync build succeeds");
     };
-    let due = measure(
-        &mut group,
-        samples,
-        mode,
-        "rotating/rotate_every_1000",
-        client.clone(),
-        Some(&rotate),
-    );
+    let mut runners = [
+        runner(mode, "bare", inner.clone(), None),
+        runner(mode, "rotating/no_rotation", steady, None),
+        runner(
+            mode,
+            "rotating/rotate_every_1000",
+            rotating.clone(),
+            Some(&rotate),
+        ),
+        runner(
+            mode,
+            "alt/rwlock_arc",
+            AltClient::<RwLockSlot<_>, _>::new(inner.clone()),
+            None,
+        ),
+        runner(
+            mode,
+            "alt/mutex_arc",
+            AltClient::<MutexSlot<_>, _>::new(inner.clone()),
+            None,
+        ),
+        runner(
+            mode,
+            "alt/arc_swap_load_full",
+            AltClient::<ArcSwapSlot<_>, _>::new(inner.clone()),
+            None,
+        ),
+        runner(mode, "alt/weak_upgrade", WeakClient::new(inner), None),
+    ];
+    bench_runners(&mut group, samples, mode, &mut runners);
+    group.finish();
     assert!(
-        !due || client.stats().rotations > 0,
+        !runners[2].rotation_due() || rotating.stats().rotations > 0,
         "the rotating variant did rotate"
     );
-
-    measure(
-        &mut group,
-        samples,
-        mode,
-        "alt/rwlock_arc",
-        AltClient::<RwLockSlot<_>, _>::new(inner.clone()),
-        None,
-    );
-    measure(
-        &mut group,
-        samples,
-        mode,
-        "alt/mutex_arc",
-        AltClient::<MutexSlot<_>, _>::new(inner.clone()),
-        None,
-    );
-    measure(
-        &mut group,
-        samples,
-        mode,
-        "alt/arc_swap_load_full",
-        AltClient::<ArcSwapSlot<_>, _>::new(inner.clone()),
-        None,
-    );
-    measure(
-        &mut group,
-        samples,
-        mode,
-        "alt/weak_upgrade",
-        WeakClient::new(inner),
-        None,
-    );
-    group.finish();
 }
 
 /// The unit of the hot path's cost: one uncontended atomic
@@ -783,13 +820,15 @@ fn bench_calibration(c: &mut Criterion, samples: &Samples) {
 }
 
 /// Prints medians and ratios to the `bare` of the same column, as a
-/// Markdown table. Skipped when criterion only checked that each benchmark
-/// runs (`cargo test --benches`): one iteration says nothing.
-fn print_table(samples: &Samples) {
-    if samples.too_few() {
-        println!("\n(test mode: no table of medians)");
+/// Markdown table, from the samples whose key starts with `prefix`.
+/// Skipped when criterion only checked that each benchmark runs (`cargo
+/// test --benches`): one iteration says nothing.
+fn print_table(samples: &Samples, prefix: &str, title: &str) {
+    if samples.count(&format!("{prefix}single_thread/bare")) < 10 {
+        println!("\n(test mode, or the single-thread group filtered out: no table of {title})");
         return;
     }
+    println!("\n{title}:");
     println!(
         "\n| variant | 1 thread: ns/request | over bare (ns) | ratio to bare \
          | 2 threads: ns/request | ratio to bare \
@@ -797,8 +836,9 @@ fn print_table(samples: &Samples) {
          | clone per request: ns/request | ratio to bare |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let median =
-        |mode: Mode, variant: &str| samples.median_ns(&format!("{}/{variant}", mode.group()));
+    let median = |mode: Mode, variant: &str| {
+        samples.median_ns(&format!("{prefix}{}/{variant}", mode.group()))
+    };
     let show =
         |value: Option<f64>, format: &dyn Fn(f64) -> String| value.map_or("-".to_owned(), format);
     for variant in VARIANTS {
@@ -870,5 +910,14 @@ fn main() {
         SharedTrivial::default(),
     );
     criterion.final_summary();
-    print_table(&samples);
+    print_table(
+        &samples,
+        "",
+        "medians of criterion's samples (each benchmark in turn)",
+    );
+    print_table(
+        &samples,
+        "interleaved/",
+        "medians of the interleaved pass (every variant in turn, 31 rounds): the reference",
+    );
 }

@@ -51,38 +51,46 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.observe {
+            // A separate function, so that the common path never takes the
+            // response's address and the compiler can move it in place.
+            return self.poll_observed(cx);
+        }
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let lease = this.lease.take();
-        if *this.observe {
-            return Poll::Ready(observed(result, lease));
-        }
         Poll::Ready(result.map(|response| response.attach(Attach(lease))))
     }
 }
 
-/// The outcome of a call whose generation watches outcomes: the failure
-/// trigger judges it, and the response may get a `GenerationId`.
-#[cold]
-#[inline(never)]
-fn observed<R, E>(result: Result<R, E>, lease: Option<Lease>) -> Result<R::Leased, E>
+impl<F, R, E> ResponseFuture<F>
 where
+    F: Future<Output = Result<R, E>>,
     R: ClientResponse,
     E: 'static,
 {
-    match result {
-        Ok(mut response) => {
-            if let Some(lease) = &lease {
-                observe(&mut response, lease);
+    /// `poll` for a call whose generation watches outcomes: the failure
+    /// trigger judges it, and the response may get a `GenerationId`.
+    #[cold]
+    #[inline(never)]
+    fn poll_observed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R::Leased, E>> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let lease = this.lease.take();
+        Poll::Ready(match result {
+            Ok(mut response) => {
+                if let Some(lease) = &lease {
+                    observe(&mut response, lease);
+                }
+                Ok(response.attach(Attach(lease)))
             }
-            Ok(response.attach(Attach(lease)))
-        }
-        Err(error) => {
-            if let Some(lease) = &lease {
-                lease.on_error(&error);
+            Err(error) => {
+                if let Some(lease) = &lease {
+                    lease.on_error(&error);
+                }
+                Err(error)
             }
-            Err(error)
-        }
+        })
     }
 }
 
