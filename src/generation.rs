@@ -207,6 +207,7 @@ impl<S: 'static> Generations<S> {
     /// `None` only if the lane's generation has lost its client to
     /// `drain_timeout`, which needs it detached, so out of the lanes: a
     /// retry sees a newer one.
+    #[inline]
     pub(crate) fn take_lease(&self, thread: usize, have: Option<u64>) -> Option<Taken<S>>
     where
         S: Clone,

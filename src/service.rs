@@ -236,8 +236,7 @@ where
     /// The slow path of `poll_ready`: a fresh handle, a new generation, the
     /// second request of a handle, or another thread. Takes the lease in
     /// this thread's lane, under its lock.
-    #[cold]
-    #[inline(never)]
+    #[inline]
     fn poll_lane<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,
