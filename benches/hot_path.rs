@@ -41,14 +41,25 @@
 //!   the current generation's client on its first `poll_ready`.
 //!   `rotate_every_1000` rotates every 1,000 requests.
 //!
-//! After criterion's own report, a table of medians and ratios to the `bare`
-//! of the same column is printed, with the cost of one atomic operation
-//! (group `calibration`) and the speed-up of `bare` on two and four threads.
+//! After criterion's own report, two tables of medians and ratios to the
+//! `bare` of the same column are printed, with the cost of one atomic
+//! operation (group `calibration`) and the speed-up of `bare` on two and
+//! four threads:
+//!
+//! - criterion's: each benchmark's samples, taken one benchmark after the
+//!   other. On a shared VM the machine's speed drifts over a run (the same
+//!   `bare` loop measured 41 and 55 ns a few minutes apart), and that drift
+//!   lands on whichever variant runs at the time;
+//! - the interleaved pass, the reference: after criterion's samples of a
+//!   group, 31 rounds in which every variant of the group runs 100,000
+//!   requests (per thread) in turn, each round starting one variant
+//!   further. Drift then falls on all variants alike, and the medians over
+//!   the rounds compare designs within one column.
 //!
 //! Each benchmark warms up for 0.5 s and measures for 2 s (criterion's
 //! defaults: 3 s + 5 s), and criterion draws no HTML plots. A full
-//! `cargo bench --bench hot_path` (30 benchmarks) took 123 s on the
-//! reference machine (two cores, shared with other work);
+//! `cargo bench --bench hot_path` (30 benchmarks and the interleaved pass)
+//! took 2 min 17 s on the reference machine (two cores);
 //! `cargo bench --bench hot_path -- --quick` is a shorter run;
 //! `cargo test --bench hot_path` runs each variant once, as a smoke test.
 

@@ -187,14 +187,15 @@
 //!   lives until the handle is next polled or dropped.
 //! - The response future and body are named types, [`ResponseFuture`] and
 //!   [`ResponseBody`], with no boxing. On a handle that stays on the
-//!   current generation, the hot path (`poll_ready`, `call`, `poll_frame`)
-//!   takes no lock, allocates nothing and reads no clock: two atomic loads,
-//!   one reference count taken through the handle's `Weak` and released at
-//!   the end of the body, and one relaxed request counter. A handle that
-//!   moves to a new generation (every fresh clone, as `oneshot` on a clone
-//!   does) also reads the arc-swap slot and clones the client; see
-//!   [`RotatingClient`] ("Cost per request"). The benchmarks (`cargo
-//!   bench`) measure each against the bare client.
+//!   current generation and its thread, the hot path (`poll_ready`, `call`,
+//!   `poll_frame`) takes no lock, allocates nothing, reads no clock and
+//!   writes no cache line that another thread writes: one atomic load, a
+//!   `Weak` upgrade on the thread's own shard of the generation (the
+//!   lease), a plain store to count the request, and the lease's release
+//!   at the end of the body. A fresh clone (as `oneshot` on a clone does)
+//!   takes its lease and a clone of the client under its thread's lane
+//!   lock instead; see [`RotatingClient`] ("Cost per request"). The
+//!   benchmarks (`cargo bench`) measure each against the bare client.
 //!
 //! # Other triggers and observability
 //!
