@@ -56,14 +56,18 @@ use crate::sync;
 /// one atomic load (which generation is current), two thread-local reads,
 /// and a plain store to count the request. Nothing on this path writes a
 /// cache line that another thread writes, allocates, reads a clock or
-/// checks an option that is off.
+/// reads the shared configuration (whether responses need a look, for the
+/// failure trigger or the generation extension, is copied into the handle
+/// once per generation and tested once per response).
 ///
 /// A handle on a generation it has not used before (every fresh clone, and
 /// every handle after a rotation), on its second request, or on another
 /// thread, takes the lease under its lane's lock instead, and clones the
 /// client kept in the lane. The lane also keeps one clone of the current
 /// client per lane in use, dropped at the next swap. The first request in
-/// a lane after a swap allocates that lane's shard.
+/// a lane after a swap allocates that lane's shard (256 bytes). The lanes
+/// themselves take 128 bytes each, per rotating client: 1 KiB on 2 cores,
+/// 32 KiB on 64 (at most 1,024 lanes).
 ///
 /// With `max_requests_per_generation` set, every request is also counted
 /// on the generation itself (one more read-modify-write, on a line shared
@@ -246,9 +250,10 @@ where
         let generations = self.rotator.generations();
         loop {
             let have = self.cached.as_ref().map(|cached| cached.generation);
-            // `None`: the lane's generation lost its client to
-            // `drain_timeout` just now, which means a newer one is in the
-            // lane already.
+            // `None` would mean the lane's generation had lost its client
+            // to `drain_timeout`. That takes the client only from a
+            // detached generation, which a swap has already taken out of
+            // every lane, so the retry finds the newer one.
             let Some(taken) = generations.take_lease(thread, have) else {
                 continue;
             };
