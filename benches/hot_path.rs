@@ -148,6 +148,23 @@ fn with_rotations(
     }
 }
 
+/// Times `iters` requests sent by `chunk(n)` (n requests at a time),
+/// rotating every `ROTATE_EVERY` requests (counted across calls in `count`)
+/// if `rotate` is given.
+fn timed(
+    iters: u64,
+    count: &mut u64,
+    rotate: Option<&(dyn Fn() + Sync)>,
+    mut chunk: impl FnMut(u64),
+) -> Duration {
+    let start = Instant::now();
+    match rotate {
+        Some(rotate) => with_rotations(iters, count, ROTATE_EVERY, chunk, rotate),
+        None => chunk(iters),
+    }
+    start.elapsed()
+}
+
 // ---------------------------------------------------------------------------
 // Alternative designs
 // ---------------------------------------------------------------------------
@@ -582,18 +599,9 @@ where
             // Requests, across samples.
             let mut count = 0;
             let run = move |iters| {
-                let start = Instant::now();
-                match rotate {
-                    Some(rotate) => with_rotations(
-                        iters,
-                        &mut count,
-                        ROTATE_EVERY,
-                        |chunk| requests(&mut service, &mut cx, chunk),
-                        rotate,
-                    ),
-                    None => requests(&mut service, &mut cx, iters),
-                }
-                start.elapsed()
+                timed(iters, &mut count, rotate, |chunk| {
+                    requests(&mut service, &mut cx, chunk);
+                })
             };
             (Box::new(run), ROTATE_EVERY)
         }
@@ -613,18 +621,9 @@ where
             // Requests, across samples.
             let mut count = 0;
             let run = move |iters| {
-                let start = Instant::now();
-                match rotate {
-                    Some(rotate) => with_rotations(
-                        iters,
-                        &mut count,
-                        ROTATE_EVERY,
-                        |chunk| requests_fresh(&stored, &mut cx, chunk),
-                        rotate,
-                    ),
-                    None => requests_fresh(&stored, &mut cx, iters),
-                }
-                start.elapsed()
+                timed(iters, &mut count, rotate, |chunk| {
+                    requests_fresh(&stored, &mut cx, chunk);
+                })
             };
             (Box::new(run), ROTATE_EVERY)
         }

@@ -15,7 +15,8 @@ use http::{HeaderMap, StatusCode};
 use crate::stats::GenerationId;
 use crate::sync::Arc;
 
-/// What a lease holds on to: a generation, or, in unit tests, a stand-in.
+/// What a lease holds on to: a generation's shard, which answers for its
+/// generation.
 pub(crate) trait Leased: Send + Sync + 'static {
     fn id(&self) -> u64;
 

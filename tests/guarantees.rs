@@ -277,9 +277,11 @@ async fn rotate_waits_for_room_under_the_cap() {
 // 4. A drain timer never keeps a generation alive
 // ---------------------------------------------------------------------------
 
-/// Guarantee 4. Seen failing with the drain timer holding a strong
-/// reference to the old generation (`Arc::clone(&old)` moved into the timer
-/// task in `Rotator::install`, instead of a `Weak`).
+/// Guarantee 4. Seen failing with the drain timer keeping the outgoing
+/// generation attached (the `Outgoing` guard moved into the timer task in
+/// `Rotator::install` and dropped when it fires, instead of at the swap).
+/// Before the leases moved to shards, the same test failed with the timer
+/// holding a strong `Arc` of the generation instead of a `Weak`.
 #[tokio::test(start_paused = true)]
 async fn a_generation_drained_before_its_timeout_retires_at_once_not_forced() {
     let (builds, retired) = (Builds::default(), RetireLog::default());
@@ -370,10 +372,11 @@ async fn at_the_drain_timeout_the_layer_lets_go_of_its_client() {
 // 6. A forced retirement, then the last stream's end: retired once
 // ---------------------------------------------------------------------------
 
-/// Guarantee 6. Seen failing with the `retired` guard of `Drop for
-/// Generation` ignored (the swap's result not checked): the end of the
-/// stream then retires generation 1 a second time, the live count drops
-/// below the truth and the cap lets a third generation in.
+/// Guarantee 6. Seen failing with the `retired` guard of
+/// `Generation::retire` ignored (a plain store instead of checking the
+/// swap's result): the end of the stream then retires generation 1 a
+/// second time, the live count drops below the truth and the cap lets a
+/// third generation in.
 #[tokio::test(start_paused = true)]
 async fn a_forced_retirement_then_the_end_of_the_stream_retires_once() {
     const CAP: usize = 2;

@@ -35,10 +35,14 @@ impl Service<Request<()>> for Trivial {
 
     #[inline]
     fn call(&mut self, _request: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(Full::new(Bytes::from_static(
-            TRIVIAL_BODY,
-        )))))
+        answer(TRIVIAL_BODY)
     }
+}
+
+/// The answer of both trivial clients: a response with `body` in one chunk.
+#[inline]
+fn answer(body: &'static [u8]) -> Ready<Result<Response<Full<Bytes>>, Infallible>> {
+    ready(Ok(Response::new(Full::new(Bytes::from_static(body)))))
 }
 
 /// [`Trivial`] with its state behind one `Arc`, as a real client's handle
@@ -74,9 +78,7 @@ impl Service<Request<()>> for SharedTrivial {
 
     #[inline]
     fn call(&mut self, _request: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(Full::new(Bytes::from_static(
-            self.0.body,
-        )))))
+        answer(self.0.body)
     }
 }
 
