@@ -7,7 +7,7 @@ mod test_utils;
 use std::time::Duration;
 
 use tower::{Layer, ServiceExt};
-use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{Probe, RotatingClient, RotatingClientLayer};
 
 use test_utils::{
     live, open_stream, request, served_by, settle, Answer, Builds, ScriptedProbe, TagClient,
@@ -15,6 +15,14 @@ use test_utils::{
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 const PERIOD: Duration = Duration::from_secs(10);
+
+/// A rotating client of `builds` with a TTL of two days, rotated by
+/// `probe` alone.
+fn probed(builds: &Builds, probe: Probe<u64>) -> RotatingClient<TagClient> {
+    RotatingClientLayer::new(2 * DAY)
+        .rotate_on_change(probe)
+        .layer(builds.factory())
+}
 
 /// Which generation serves a request now.
 async fn served(client: &RotatingClient<TagClient>) -> usize {
@@ -44,9 +52,7 @@ async fn until_probes(script: &ScriptedProbe, probes: usize, limit: u32) -> Dura
 async fn a_stable_value_over_a_day_rotates_never() {
     let builds = Builds::default();
     let script = ScriptedProbe::new(7);
-    let client = RotatingClientLayer::new(2 * DAY)
-        .rotate_on_change(script.probe(PERIOD))
-        .layer(builds.factory());
+    let client = probed(&builds, script.probe(PERIOD));
     tokio::time::sleep(DAY).await;
     let probes = script.probes();
     // One probe at the start, then one every 9 to 10 s.
@@ -65,9 +71,7 @@ async fn a_stable_value_over_a_day_rotates_never() {
 async fn one_change_rotates_exactly_once_within_one_period() {
     let builds = Builds::default();
     let script = ScriptedProbe::new(1);
-    let client = RotatingClientLayer::new(2 * DAY)
-        .rotate_on_change(script.probe(PERIOD).confirmations(1))
-        .layer(builds.factory());
+    let client = probed(&builds, script.probe(PERIOD).confirmations(1));
     until_probes(&script, 3, 3).await;
     assert_eq!(served(&client).await, 1);
 
@@ -95,14 +99,13 @@ async fn one_change_rotates_exactly_once_within_one_period() {
 async fn a_change_needs_n_equal_probes_in_a_row() {
     let builds = Builds::default();
     let script = ScriptedProbe::new(1);
-    let client = RotatingClientLayer::new(2 * DAY)
-        .rotate_on_change(
-            script
-                .probe(PERIOD)
-                .confirmations(3)
-                .min_interval(Duration::ZERO),
-        )
-        .layer(builds.factory());
+    let client = probed(
+        &builds,
+        script
+            .probe(PERIOD)
+            .confirmations(3)
+            .min_interval(Duration::ZERO),
+    );
     until_probes(&script, 2, 3).await;
 
     // 2 then 3 then 2: never three equal ones in a row.
@@ -124,14 +127,13 @@ async fn a_value_flapping_on_every_probe_rotates_at_most_once_per_minimum_interv
     const MIN_INTERVAL: Duration = Duration::from_secs(600);
     let builds = Builds::default();
     let script = ScriptedProbe::new(0);
-    let client = RotatingClientLayer::new(2 * DAY)
-        .rotate_on_change(
-            script
-                .probe(PERIOD)
-                .confirmations(1)
-                .min_interval(MIN_INTERVAL),
-        )
-        .layer(builds.factory());
+    let client = probed(
+        &builds,
+        script
+            .probe(PERIOD)
+            .confirmations(1)
+            .min_interval(MIN_INTERVAL),
+    );
     // Flip the value after every probe, for a day.
     let end = tokio::time::Instant::now() + DAY;
     let mut value = 0;
@@ -157,9 +159,10 @@ async fn a_value_flapping_on_every_probe_rotates_at_most_once_per_minimum_interv
     // With the default of two confirmations the same flapping never
     // rotates at all.
     let script = ScriptedProbe::new(0);
-    let client = RotatingClientLayer::new(2 * DAY)
-        .rotate_on_change(script.probe(PERIOD).min_interval(Duration::ZERO))
-        .layer(Builds::default().factory());
+    let client = probed(
+        &Builds::default(),
+        script.probe(PERIOD).min_interval(Duration::ZERO),
+    );
     for round in 0..1_000 {
         script.set(Answer::Value(round % 2 + 1));
         until_probes(&script, script.probes() + 1, 2).await;
@@ -175,14 +178,13 @@ async fn a_value_flapping_on_every_probe_rotates_at_most_once_per_minimum_interv
 async fn failed_panicking_and_hanging_probes_rotate_nothing_and_are_counted() {
     let builds = Builds::default();
     let script = ScriptedProbe::new(1);
-    let client = RotatingClientLayer::new(2 * DAY)
-        .rotate_on_change(
-            script
-                .probe(PERIOD)
-                .confirmations(1)
-                .timeout(Duration::from_secs(2)),
-        )
-        .layer(builds.factory());
+    let client = probed(
+        &builds,
+        script
+            .probe(PERIOD)
+            .confirmations(1)
+            .timeout(Duration::from_secs(2)),
+    );
     until_probes(&script, 1, 1).await;
 
     let mut failed = 0;
@@ -349,8 +351,6 @@ async fn an_async_factory_builds_afresh_and_connects_before_serving() {
 #[cfg(feature = "dns")]
 #[tokio::test]
 async fn the_dns_probe_resolves_and_a_stable_answer_rotates_nothing() {
-    use tower_rotating_client::Probe;
-
     // Address literals: resolved without asking any DNS server. The
     // second has no port, which the resolver refuses.
     let period = Duration::from_millis(5);
