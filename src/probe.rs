@@ -146,7 +146,8 @@ impl<V: Send + Sync + 'static> Probe<V> {
     /// `rotate()` and other triggers are not held back.
     ///
     /// Default is 30 seconds: at most 120 probe-driven rotations an hour,
-    /// however the value flaps.
+    /// however the value flaps. `Duration::ZERO` turns the limit off;
+    /// `Duration::MAX` allows one probe-driven rotation in all.
     pub fn min_interval(mut self, interval: Duration) -> Self {
         self.min_interval = interval;
         self
@@ -405,10 +406,11 @@ impl<V: PartialEq> Watch<V> {
             .requested
             .as_ref()
             .is_some_and(|(id, _)| *id == current);
-        let allowed = self
-            .last_request
-            .and_then(|last| last.checked_add(self.min_interval))
-            .is_none_or(|at| now >= at);
+        // An interval too long to add (`Duration::MAX`) means never again.
+        let allowed = self.last_request.is_none_or(|last| {
+            last.checked_add(self.min_interval)
+                .is_some_and(|at| now >= at)
+        });
         if count >= self.confirmations && !pending && allowed {
             self.requested = Some((current, value));
             self.last_request = Some(now);
@@ -500,6 +502,18 @@ mod tests {
         assert!(
             watch.observe(2, 2, &differ, t0 + minute),
             "still changed after the interval"
+        );
+    }
+
+    #[test]
+    fn a_minimum_interval_of_duration_max_means_once() {
+        let t0 = Instant::now();
+        let mut watch = Watch::new(1, Duration::MAX);
+        watch.observe(1, 0, &differ, t0);
+        assert!(watch.observe(1, 1, &differ, t0), "the first change");
+        assert!(
+            !watch.observe(2, 2, &differ, t0 + Duration::from_secs(1 << 40)),
+            "never another"
         );
     }
 
