@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
+use crate::probe::ProbeRunner;
 use crate::stats::GenerationStats;
 
 /// Default jitter: lifetimes are spread over the last 10% of the TTL.
@@ -37,6 +38,7 @@ pub(crate) struct Config {
     pub(crate) backoff_max: Duration,
     pub(crate) max_requests: Option<u64>,
     pub(crate) failures: Option<FailurePolicy>,
+    pub(crate) probe: Option<ProbeRunner>,
     pub(crate) generation_extension: bool,
     pub(crate) stagger_first: bool,
 }
@@ -54,6 +56,7 @@ impl Config {
             backoff_max: DEFAULT_BACKOFF_MAX,
             max_requests: None,
             failures: None,
+            probe: None,
             generation_extension: false,
             stagger_first: false,
         }

@@ -87,8 +87,8 @@ impl<S> fmt::Debug for Factory<S> {
     }
 }
 
-/// Turns a panic while polling the build future into an error.
-struct CatchUnwind<F: ?Sized>(Pin<Box<F>>);
+/// Turns a panic while polling a build (or probe) future into an error.
+pub(crate) struct CatchUnwind<F: ?Sized>(pub(crate) Pin<Box<F>>);
 
 impl<T, F> Future for CatchUnwind<F>
 where

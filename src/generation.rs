@@ -357,13 +357,17 @@ impl<S: Send + 'static> Core<S> {
 
 impl<S: 'static> Core<S> {
     /// Asks the background task to rotate generation `id` away. Newer
-    /// generations win; a request for an older one is moot.
+    /// generations win; a request for an older one is moot. For the same
+    /// generation, a changed probe value wins over other triggers, since it
+    /// also rules out a client built ahead of the change.
     pub(crate) fn request_rotation(&self, id: u64, reason: Reason) {
         let mut request = self
             .request
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if request.is_none_or(|(requested, _)| requested < id) {
+        if request.is_none_or(|(requested, was)| {
+            requested < id || (requested == id && reason == Reason::Changed && was != reason)
+        }) {
             *request = Some((id, reason));
             drop(request);
             self.changed.notify_one();

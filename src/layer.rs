@@ -10,6 +10,7 @@ use tower_layer::Layer;
 use crate::config::{CallOutcome, Config, FailurePolicy, OnRetire};
 use crate::error::BoxError;
 use crate::factory::Factory;
+use crate::probe::{Probe, ProbeRunner};
 use crate::rotator::Rotator;
 use crate::service::RotatingClient;
 
@@ -269,6 +270,52 @@ impl<H> RotatingClientLayer<H> {
         self
     }
 
+    /// Rotates when `probe` sees that something the client depends on
+    /// changed: the addresses a name resolves to ([`Probe::dns`]), a
+    /// certificate or key file's digest, a secret's version. Look often,
+    /// renew only on a change: a scale-up is followed within a probe
+    /// period or two, and a stable world costs no rotation at all, so the
+    /// TTL can be hours.
+    ///
+    /// The probe runs in a background task of the rotating client, every
+    /// period (jittered), from its first use inside a runtime. When it
+    /// sees a value that differs from the current generation's on
+    /// [`confirmations`](Probe::confirmations) probes in a row, it asks
+    /// for a rotation, which goes like any other: the successor is built
+    /// in the background (an async factory's connects before it serves),
+    /// `max_live_generations` is respected, responses in flight are
+    /// untouched, and the swap is traced with reason `changed`. The value
+    /// that asked becomes the new generation's. After a rotation for
+    /// another reason (TTL, `rotate()`, failures, the request cap) the new
+    /// generation takes the latest value probed before it.
+    ///
+    /// A failed, panicking or timed-out probe rotates nothing, touches no
+    /// request, and is counted in
+    /// [`Stats::failed_probes`](crate::Stats::failed_probes). The probe
+    /// and whatever it captures are dropped with the rotating client's
+    /// shared state: once the last handle, the last response and the
+    /// layer are gone. It holds no client.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_rotating_client::{Probe, RotatingClientLayer};
+    ///
+    /// # #[cfg(feature = "dns")]
+    /// let layer = RotatingClientLayer::new(Duration::from_secs(6 * 3600))
+    ///     .rotate_on_change(Probe::dns("backend.internal:8080", Duration::from_secs(5)));
+    /// # #[cfg(feature = "dns")]
+    /// # let _ = layer;
+    /// ```
+    ///
+    /// Default is no probe. A second call replaces the first probe.
+    pub fn rotate_on_change<V>(mut self, probe: Probe<V>) -> Self
+    where
+        V: PartialEq + Send + Sync + 'static,
+    {
+        self.config.probe = Some(ProbeRunner::new(probe));
+        self
+    }
+
     /// Adds a [`GenerationId`](crate::GenerationId) to the extensions of
     /// every response, so that logs can tie a response to the client that
     /// served it.
@@ -445,6 +492,7 @@ impl<H> fmt::Debug for RotatingClientLayer<H> {
             )
             .field("max_requests_per_generation", &self.config.max_requests)
             .field("rotate_on_failures", &self.config.failures)
+            .field("rotate_on_change", &self.config.probe)
             .field("generation_extension", &self.config.generation_extension)
             .field("stagger_first_rotation", &self.config.stagger_first)
             .field("on_retire", &std::any::type_name::<H>())

@@ -266,6 +266,7 @@ mod layer;
 mod lease;
 #[cfg(all(test, loom))]
 mod loom_models;
+mod probe;
 #[cfg(feature = "reqwest")]
 mod reqwest;
 mod response;
@@ -282,6 +283,7 @@ pub use config::{CallOutcome, OnRetire};
 pub use error::{BoxError, RotateError};
 pub use future::ResponseFuture;
 pub use layer::RotatingClientLayer;
+pub use probe::Probe;
 pub use response::ClientResponse;
 pub use service::RotatingClient;
 pub use stats::{GenerationId, GenerationStats, Stats};

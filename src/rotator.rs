@@ -5,12 +5,14 @@
 //! One task per rotating client (the *driver*) sleeps until the current
 //! generation is due, builds its successor (ahead of time for async
 //! factories), waits for room under `max_live_generations`, and swaps.
-//! It holds only a `Weak` reference to the shared state, so it never keeps
-//! the service alive, and the state aborts it when the last handle drops.
+//! Triggers (the request cap, failures, a probe's changed value) only ask
+//! it for a rotation; a probe runs in a second task of its own. Both hold
+//! only a `Weak` reference to the shared state, so they never keep the
+//! service alive, and the state aborts them when the last handle drops.
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use crate::config::{Config, OnRetire};
 use crate::error::RotateError;
 use crate::factory::Factory;
 use crate::generation::{Core, Generation, Generations};
+use crate::probe::Target;
 use crate::schedule::{self, Reason, MAX_SLEEP};
 use crate::stats::{GenerationId, Stats};
 
@@ -34,7 +37,10 @@ pub(crate) struct Rotator<S: 'static> {
     /// Serialises swaps, so that the cap check and the swap are one step.
     rotation_lock: Arc<tokio::sync::Mutex<()>>,
     driver_started: AtomicBool,
-    /// The driver and the drain timers; aborted when the last handle goes.
+    /// Probes that failed, panicked or timed out.
+    failed_probes: AtomicU64,
+    /// The driver, the probe and the drain timers; aborted when the last
+    /// handle goes.
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
@@ -56,6 +62,7 @@ where
             factory,
             rotation_lock: Arc::new(tokio::sync::Mutex::new(())),
             driver_started: AtomicBool::new(false),
+            failed_probes: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         });
         if Handle::try_current().is_ok() {
@@ -122,6 +129,10 @@ where
             crate::sync::Arc::clone(self.core()),
         ));
         tasks.push(task.abort_handle());
+        if let Some(probe) = &self.core().config.probe {
+            let target = Box::new(ProbeTarget(Arc::downgrade(self)));
+            tasks.push(runtime.spawn(probe.start(target)).abort_handle());
+        }
         self.driver_started.store(true, Ordering::Release);
     }
 
@@ -178,6 +189,7 @@ impl<S: 'static> Rotator<S> {
             current_generation: GenerationId(current_generation),
             rotations: core.rotations.load(Ordering::Relaxed),
             failed_builds: core.failed_builds.load(Ordering::Relaxed),
+            failed_probes: self.failed_probes.load(Ordering::Relaxed),
             forced_retirements: core.forced_retirements.load(Ordering::Relaxed),
             generations: core.snapshot(current_generation),
         }
@@ -187,6 +199,34 @@ impl<S: 'static> Rotator<S> {
         self.tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The probe task's view of the rotating client: a `Weak`, so that the
+/// probe never keeps a client alive.
+struct ProbeTarget<S: 'static>(Weak<Rotator<S>>);
+
+impl<S: Send + 'static> Target for ProbeTarget<S> {
+    fn current(&self) -> Option<u64> {
+        Some(self.0.upgrade()?.generations.current_id())
+    }
+
+    fn request_rotation(&self, id: u64) {
+        if let Some(rotator) = self.0.upgrade() {
+            rotator.core().request_rotation(id, Reason::Changed);
+        }
+    }
+
+    fn probe_failed(&self) {
+        if let Some(rotator) = self.0.upgrade() {
+            rotator.failed_probes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn random(&self) -> f64 {
+        self.0
+            .upgrade()
+            .map_or(0.0, |rotator| rotator.core().rng.next_f64())
     }
 }
 
@@ -313,7 +353,8 @@ where
         }
 
         // When the current generation is due, and why: its TTL, or a
-        // trigger (request cap, failures) if that comes first.
+        // trigger (request cap, failures, a changed probe value) if that
+        // comes first.
         let (due, reason) = match core.requested(current_id) {
             Some(Reason::Failures) => {
                 let min_interval = config
@@ -328,6 +369,10 @@ where
             Some(reason) => earliest(expires_at, Instant::now(), reason),
             None => (expires_at, Reason::Ttl),
         };
+        if reason == Reason::Changed {
+            // A client built ahead may predate the change: build afresh.
+            prebuilt = None;
+        }
 
         let build_at = match (due, &prebuilt) {
             (None, _) => None,

@@ -21,6 +21,7 @@ pub(crate) enum Reason {
     Rotate,
     MaxRequests,
     Failures,
+    Changed,
 }
 
 impl Reason {
@@ -30,6 +31,7 @@ impl Reason {
             Reason::Rotate => "rotate",
             Reason::MaxRequests => "max_requests",
             Reason::Failures => "failures",
+            Reason::Changed => "changed",
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct Stats {
     /// Builds that failed, panicked or timed out, counting background
     /// builds and [`rotate`](crate::RotatingClient::rotate) calls alike.
     pub failed_builds: u64,
+    /// Probes of
+    /// [`rotate_on_change`](crate::RotatingClientLayer::rotate_on_change)
+    /// that failed, panicked or timed out. None of them rotated anything.
+    pub failed_probes: u64,
     /// Generations let go by `drain_timeout` while responses were still in
     /// flight.
     pub forced_retirements: u64,

@@ -2,8 +2,9 @@
 //! and compiled to nothing without it. Each takes plain values.
 //!
 //! Every event has target `tower_rotating_client` and carries the
-//! generation id. Builds are `debug`, swaps and retirements `info`; a
-//! failed build and a drain timeout are `warn`.
+//! generation id. Builds are `debug`, swaps, retirements and a changed
+//! probe value `info`; a failed build, a failed probe and a drain timeout
+//! are `warn`.
 
 #![cfg_attr(not(feature = "tracing"), allow(unused_variables))]
 
@@ -38,6 +39,28 @@ pub(crate) fn build_failed(current: u64, error: &RotateError, failures: u32, ret
         consecutive_failures = failures,
         ?retry_in,
         "build failed"
+    );
+}
+
+/// A probe failed, panicked or timed out while generation `current` was
+/// current. The error says which; no probed value is ever traced.
+#[inline]
+pub(crate) fn probe_failed(current: u64, error: &RotateError) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(target: TARGET, generation = current, %error, "probe failed");
+}
+
+/// The probed value differs from generation `current`'s, seen on
+/// `confirmations` probes in a row: a rotation is asked for. The values
+/// themselves (addresses, digests, versions) are not traced.
+#[inline]
+pub(crate) fn probe_changed(current: u64, confirmations: u32) {
+    #[cfg(feature = "tracing")]
+    tracing::info!(
+        target: TARGET,
+        generation = current,
+        confirmations,
+        "probed value changed"
     );
 }
 

@@ -8,6 +8,7 @@
 mod client;
 mod doubles;
 mod load;
+mod probe;
 mod retire;
 mod rotating;
 mod scale_up;
@@ -20,6 +21,8 @@ pub use client::*;
 pub use doubles::*;
 #[allow(unused_imports)]
 pub use load::*;
+#[allow(unused_imports)]
+pub use probe::*;
 #[allow(unused_imports)]
 pub use retire::*;
 #[allow(unused_imports)]
