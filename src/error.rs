@@ -37,15 +37,8 @@ impl RotateError {
     }
 
     pub(crate) fn panicked(payload: &(dyn Any + Send)) -> Self {
-        let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
-            (*s).to_owned()
-        } else if let Some(s) = payload.downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "a non-string panic payload".to_owned()
-        };
         RotateError {
-            kind: Kind::Panicked(message),
+            kind: Kind::Panicked(panic_message(payload)),
         }
     }
 
@@ -79,6 +72,17 @@ impl RotateError {
     }
 }
 
+/// The message of a caught panic, if it has one.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
 impl fmt::Display for RotateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
@@ -101,6 +105,24 @@ impl Error for RotateError {
         match &self.kind {
             Kind::Failed(error) => Some(error.as_ref()),
             _ => None,
+        }
+    }
+}
+
+/// Why a probe saw nothing; traced, never returned to anybody.
+#[derive(Debug)]
+pub(crate) enum ProbeError {
+    Failed(BoxError),
+    Panicked(String),
+    TimedOut(Duration),
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::Failed(error) => write!(f, "the probe returned an error: {error}"),
+            ProbeError::Panicked(message) => write!(f, "the probe panicked: {message}"),
+            ProbeError::TimedOut(after) => write!(f, "the probe timed out after {after:?}"),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! behind one type, with panics and (for async builds) timeouts turned
 //! into a [`RotateError`].
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -69,7 +70,7 @@ impl<S: 'static> Factory<S> {
                     .map_err(|panic| RotateError::panicked(panic.as_ref()))?;
                 match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
                     Err(_elapsed) => Err(RotateError::timed_out(timeout)),
-                    Ok(Err(panic)) => Err(panic),
+                    Ok(Err(panic)) => Err(RotateError::panicked(panic.as_ref())),
                     Ok(Ok(Err(error))) => Err(RotateError::failed(error)),
                     Ok(Ok(Ok(client))) => Ok(client),
                 }
@@ -87,21 +88,22 @@ impl<S> fmt::Debug for Factory<S> {
     }
 }
 
-/// Turns a panic while polling a build (or probe) future into an error.
+/// Catches a panic while polling a build (or probe) future: its payload
+/// is the error.
 pub(crate) struct CatchUnwind<F: ?Sized>(pub(crate) Pin<Box<F>>);
 
 impl<T, F> Future for CatchUnwind<F>
 where
     F: Future<Output = T> + ?Sized,
 {
-    type Output = Result<T, RotateError>;
+    type Output = Result<T, Box<dyn Any + Send>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let fut = self.0.as_mut();
         match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
-            Err(panic) => Poll::Ready(Err(RotateError::panicked(panic.as_ref()))),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }

@@ -15,8 +15,10 @@
 //! you rotate before it does. If you rotate to follow DNS or scaling, the
 //! TTL is how long a new backend may wait for traffic (see
 //! [Following DNS and scale-ups](#following-dns-and-scale-ups)): 30 seconds
-//! to 15 minutes, depending on why you scale. The TTL is an upper bound;
-//! jitter only shortens it.
+//! to 15 minutes, depending on why you scale, or hours with a probe that
+//! rotates when the answer changes (see
+//! [the DNS probe](#look-often-rotate-on-a-change-the-dns-probe)). The TTL
+//! is an upper bound; jitter only shortens it.
 //!
 //! **Jitter.** The default, `0.1`, spreads lifetimes over the last 10% of
 //! the TTL, so instances drift apart after their first rotation. For a
@@ -65,7 +67,8 @@
 //! - **A TLS client identity that changes** (a certificate renewed every
 //!   day): a rustls `ResolvesClientCert` hands each new handshake the current
 //!   certificate without rebuilding anything. Rotate only if the client
-//!   cannot pick up new material by itself.
+//!   cannot pick up new material by itself (see
+//!   [Credentials without a clock](#credentials-without-a-clock)).
 //! - **Idle connections that go stale**: the pool's idle timeout (hyper-util's
 //!   `pool_idle_timeout`) closes them without touching busy ones. It does
 //!   nothing for busy connections pinned to old backends; see
@@ -88,6 +91,7 @@
 //! | Request cap | `max_requests_per_generation` | no | no | `max_requests_per_connection` | no | no |
 //! | On failures | rotate after N consecutive failures, rate-limited | no | no | outlier detection ejects hosts | a failed validation evicts the connection | no |
 //! | Warm-up | async factory connects first; optional probe | no | no | no | validates before handing out | no |
+//! | On a change | a probe (DNS answer, file digest, token version), with hysteresis | no | no | strict DNS re-resolves; `close_connections_on_host_set_change` | no | no |
 //!
 //! What they do that we don't: Envoy and HikariCP act per connection, so one
 //! bad connection goes without rebuilding a whole pool; Envoy's outlier
@@ -162,6 +166,191 @@
 //! resolver that adds two of them mid-test: the control stays on the first,
 //! the rotating client sends at least a third of its requests to the new
 //! ones and fails none.
+//!
+//! ### Look often, rotate on a change: the DNS probe
+//!
+//! A TTL is a blind lever: to follow a scale-up within 5 seconds it must be
+//! 5 seconds, which is 720 rotations an hour, each a new set of
+//! connections and TLS handshakes, while the answer changes perhaps twice
+//! a day. [`Probe::dns`](crate::Probe::dns) looks at the answer instead
+//! and rotates only when it gained an address, so the TTL can go back to
+//! what credentials or hygiene ask for (hours):
+//!
+//! ```
+//! # #[cfg(feature = "dns")]
+//! # fn example() {
+//! use std::time::Duration;
+//! use http_body_util::Full;
+//! use hyper::body::Bytes;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::ServiceBuilder;
+//! use tower_rotating_client::{Probe, RotatingClientLayer};
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(
+//!         RotatingClientLayer::new(Duration::from_secs(6 * 3600))
+//!             .rotate_on_change(Probe::dns("backend.internal:8080", Duration::from_secs(5))),
+//!     )
+//!     .service(|| Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+//! # let _ = client;
+//! # }
+//! ```
+//!
+//! **What it costs and buys.** One lookup per period (on tokio's blocking
+//! pool, answered by the resolver's cache most of the time). A new backend
+//! waits at most `period * confirmations` (10 s with the defaults above)
+//! plus the DNS cache; a stable answer costs no rotation at all. In the
+//! demo's second act, a 300 ms TTL rotates about 10 times in 3 seconds
+//! (12,000 an hour) where the probe every 100 ms rotates once, and moves
+//! as much traffic.
+//!
+//! **Round-robin DNS that answers a subset.** Some servers answer each
+//! query with a different subset of a large pool (8 of about 50 addresses
+//! on AWS); Envoy's docs warn that strict DNS over such answers cycles
+//! connections. Two defaults stop that: a change must be seen on
+//! [`confirmations`](crate::Probe::confirmations) probes in a row with the
+//! same answer (2; a rotating subset never repeats), and probe-driven
+//! rotations are at least [`min_interval`](crate::Probe::min_interval)
+//! apart (30 s). Rotating only on added addresses also means a backend
+//! that leaves costs nothing: its connections close, and the pool resolves
+//! again for the next one.
+//!
+//! **A resolver of your own.** When the client resolves through its own
+//! hook (hyper-util's `HttpConnector::new_with_resolver`, reqwest's
+//! `dns_resolver`, a service registry), probe that same source with
+//! [`Probe::new`](crate::Probe::new), comparing sets; the demo and
+//! `tests/scale_up.rs` do that with a resolver they control.
+//!
+//! ## Credentials without a clock
+//!
+//! A credential fixed when the client is built (a client certificate, an
+//! API key in a default header, a token) is renewed by a rotation. A TTL
+//! must guess when it changes; a probe knows.
+//!
+//! **A key or certificate file.** The factory reads the file; the probe
+//! returns a digest of it, so that the probe keeps no copy of the secret
+//! and nothing can print it. A 64-bit hash notices any change; it is not
+//! meant to resist somebody who can write the file, who could simply write
+//! a new key.
+//!
+//! ```
+//! use std::hash::{DefaultHasher, Hash, Hasher};
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use tower_rotating_client::{Probe, RotatingClientLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), std::io::Error> {
+//! # let dir = std::env::temp_dir().join(format!("trc-guide-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let key_path = dir.join("upstream.key");
+//! # std::fs::write(&key_path, "sk-first")?;
+//! let key_file = key_path.clone(); // e.g. /run/secrets/upstream.key
+//! let client = RotatingClientLayer::new(Duration::from_secs(24 * 3600))
+//!     .rotate_on_change(
+//!         Probe::new(Duration::from_secs(10), move || {
+//!             let key_file = key_file.clone();
+//!             async move {
+//!                 let key = tokio::fs::read(&key_file).await?;
+//!                 let mut digest = DefaultHasher::new();
+//!                 key.hash(&mut digest);
+//!                 Ok::<_, std::io::Error>(digest.finish())
+//!             }
+//!         })
+//!         .confirmations(1),
+//!     )
+//!     .try_layer(move || {
+//!         // Runs on tokio's blocking pool for every rotation.
+//!         let key = std::fs::read_to_string(&key_path)?;
+//!         Ok::<_, std::io::Error>(service_fn(move |_request: http::Request<String>| {
+//!             let authorization = format!("Bearer {}", key.trim());
+//!             async move { Ok::<_, std::io::Error>(http::Response::new(authorization.len())) }
+//!         }))
+//!     })?;
+//! # let _ = client;
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With `confirmations(1)` the first probe that sees the new digest
+//! rotates; keep the default of 2 if the file is written in place rather
+//! than renamed into place, so that a half-written file is not picked up.
+//!
+//! **A token with an expiry, fetched by an async factory.** The factory
+//! fetches the token and records when it expires; the probe answers
+//! whether the newest token expires within a margin, and only `true`
+//! counts as a change. After the rotation that `true` asked for, the new
+//! generation's value is `true` as well, so the next `false` is no change,
+//! and the next `true` (the new token nearing its expiry) is.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//! use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! use tower::service_fn;
+//! use tower_rotating_client::{Probe, RotatingClientLayer};
+//!
+//! fn unix_now() -> u64 {
+//!     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
+//! }
+//!
+//! # async fn fetch_token() -> Result<(String, u64), std::io::Error> { Ok(("t".to_owned(), unix_now() + 3600)) }
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), std::io::Error> {
+//! const MARGIN: u64 = 5 * 60;
+//! let expires_at = Arc::new(AtomicU64::new(0)); // unix seconds of the newest token
+//! let client = RotatingClientLayer::new(Duration::from_secs(24 * 3600))
+//!     .rotate_on_change(
+//!         Probe::new(Duration::from_secs(30), {
+//!             let expires_at = Arc::clone(&expires_at);
+//!             move || {
+//!                 let expiring = unix_now() + MARGIN >= expires_at.load(Ordering::Relaxed);
+//!                 async move { Ok::<_, std::io::Error>(expiring) }
+//!             }
+//!         })
+//!         .confirmations(1)
+//!         .changed_when(|_seen, expiring| *expiring),
+//!     )
+//!     .layer_async({
+//!         let expires_at = Arc::clone(&expires_at);
+//!         move || {
+//!             let expires_at = Arc::clone(&expires_at);
+//!             async move {
+//!                 // Your token endpoint; `expires` in unix seconds.
+//!                 let (token, expires) = fetch_token().await?;
+//!                 expires_at.store(expires, Ordering::Relaxed);
+//!                 Ok::<_, std::io::Error>(service_fn(move |_request: http::Request<String>| {
+//!                     let authorization = format!("Bearer {token}");
+//!                     async move { Ok::<_, std::io::Error>(http::Response::new(authorization.len())) }
+//!                 }))
+//!             }
+//!         }
+//!     })
+//!     .await?;
+//! # let _ = client;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The token's lifetime still bounds the TTL: if fetching fails, the
+//! probe keeps asking (at most once per `min_interval`), failed builds
+//! are counted and retried, and the TTL is the last resort. A timed
+//! build ahead of the TTL updates `expires_at` before its client is
+//! current; the TTL swap follows within `build_ahead`.
+//!
+//! **Compared with a rustls client-certificate resolver.** When only the
+//! TLS client identity changes, a rustls `ResolvesClientCert` that loads
+//! the current certificate is the better tool: each new handshake presents
+//! it, nothing is rebuilt, and the pool and its warm connections stay.
+//! Established connections keep the identity they were opened with, until
+//! they close. Rotate instead when more than the identity changes (trust
+//! roots, a proxy, a header credential, the resolver's answer), when the
+//! client cannot take a resolver (a prebuilt `reqwest::Client` with an
+//! `Identity`), or when connections opened with the old identity must stop
+//! being used soon (a revoked certificate): rotation moves every new
+//! request to a fresh pool at once, and the old one drains.
 //!
 //! ## tonic with pre-connect
 //!

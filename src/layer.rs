@@ -287,7 +287,11 @@ impl<H> RotatingClientLayer<H> {
     /// untouched, and the swap is traced with reason `changed`. The value
     /// that asked becomes the new generation's. After a rotation for
     /// another reason (TTL, `rotate()`, failures, the request cap) the new
-    /// generation takes the latest value probed before it.
+    /// generation takes the latest value probed before it. A client whose
+    /// build started before a change was seen (built ahead of its TTL, or
+    /// by a `rotate()` still building) may predate it: it is not used, or,
+    /// if it became current meanwhile, rotated away in turn. That costs at
+    /// most one extra rotation, and never misses a change.
     ///
     /// A failed, panicking or timed-out probe rotates nothing, touches no
     /// request, and is counted in

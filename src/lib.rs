@@ -200,7 +200,12 @@
 //! # Other triggers and observability
 //!
 //! Besides the TTL and [`RotatingClient::rotate`], a generation can be
-//! rotated away after it has served
+//! rotated away when a [`Probe`] sees that something it depends on changed
+//! ([`rotate_on_change`](RotatingClientLayer::rotate_on_change): a DNS
+//! answer that gained an address, a key file's digest, a token about to
+//! expire), so that a long TTL still follows a scale-up within a probe
+//! period or two and a stable world costs no rotation at all; after it has
+//! served
 //! [`max_requests_per_generation`](RotatingClientLayer::max_requests_per_generation)
 //! requests, or after consecutive failures judged by your predicate
 //! ([`rotate_on_failures`](RotatingClientLayer::rotate_on_failures), rate
@@ -229,6 +234,8 @@
 //!   with the generation id, its age, requests served, in-flight count at
 //!   swap and drain duration. Off by default; without it, the events
 //!   compile to nothing.
+//! - `dns`: [`Probe::dns`], a probe that resolves a name with tokio's
+//!   resolver (it turns on tokio's `net` feature). Off by default.
 //! - `reqwest`: `RotatingClient<reqwest::Client>` with reqwest's own
 //!   request, response and error types (reqwest 0.13, built with
 //!   `default-features = false`). reqwest's features stay yours: TLS,

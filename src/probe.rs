@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{BoxError, RotateError};
+use crate::error::{panic_message, BoxError, ProbeError};
 use crate::factory::CatchUnwind;
 
 /// Default number of probes in a row that must see the same new value.
@@ -338,13 +338,13 @@ fn jittered(period: Duration, u: f64) -> Duration {
 }
 
 /// One probe, with its panics and its timeout turned into errors.
-async fn probe_once<V>(probe: &Probe<V>, timeout: Duration) -> Result<V, RotateError> {
+async fn probe_once<V>(probe: &Probe<V>, timeout: Duration) -> Result<V, ProbeError> {
     let fut = catch_unwind(AssertUnwindSafe(|| (probe.probe)()))
-        .map_err(|panic| RotateError::panicked(panic.as_ref()))?;
+        .map_err(|panic| ProbeError::Panicked(panic_message(panic.as_ref())))?;
     match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
-        Err(_elapsed) => Err(RotateError::timed_out(timeout)),
-        Ok(Err(panic)) => Err(panic),
-        Ok(Ok(Err(error))) => Err(RotateError::failed(error)),
+        Err(_elapsed) => Err(ProbeError::TimedOut(timeout)),
+        Ok(Err(panic)) => Err(ProbeError::Panicked(panic_message(panic.as_ref()))),
+        Ok(Ok(Err(error))) => Err(ProbeError::Failed(error)),
         Ok(Ok(Ok(value))) => Ok(value),
     }
 }

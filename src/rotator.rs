@@ -39,6 +39,9 @@ pub(crate) struct Rotator<S: 'static> {
     driver_started: AtomicBool,
     /// Probes that failed, panicked or timed out.
     failed_probes: AtomicU64,
+    /// Changes the probe has seen (rotations it asked for). A client whose
+    /// build started before the latest one may predate it.
+    changes: AtomicU64,
     /// The driver, the probe and the drain timers; aborted when the last
     /// handle goes.
     tasks: Mutex<Vec<AbortHandle>>,
@@ -63,6 +66,7 @@ where
             rotation_lock: Arc::new(tokio::sync::Mutex::new(())),
             driver_started: AtomicBool::new(false),
             failed_probes: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         });
         if Handle::try_current().is_ok() {
@@ -72,11 +76,22 @@ where
     }
 
     /// Makes `client` the current generation. The old one starts draining
-    /// and retires as soon as nothing holds it.
-    fn install(&self, client: S, reason: Reason) -> u64 {
+    /// and retires as soon as nothing holds it. `changes` is what
+    /// [`Rotator::changes`] read when the client's build started: if the
+    /// probe has seen a change since, the new client may predate it, and
+    /// is asked to rotate in turn (one extra rotation, never a missed
+    /// change).
+    fn install(&self, client: S, reason: Reason, changes: u64) -> u64 {
         let config = &self.core().config;
         let lifetime = schedule::lifetime(config.ttl, config.jitter, self.core().rng.next_f64());
         let (id, outgoing) = self.generations.install(client, lifetime);
+        // After the swap, which cleared the requests for the old
+        // generation under the request lock: a change asked for before
+        // that is counted here; one asked for after it sees the new id
+        // (`ProbeTarget::request_rotation`).
+        if self.changes() != changes {
+            self.core().request_rotation(id, Reason::Changed);
+        }
         let old = outgoing.generation();
         // Every reservation and lease still out. Approximate: a handle that
         // read the old id just before the swap may still lease it through
@@ -155,6 +170,7 @@ where
         self.ensure_driver();
         let core = self.core();
         let _rotation = self.rotation_lock.lock().await;
+        let changes = self.changes();
         let client = match self.factory.build(core.config.build_timeout).await {
             Ok(client) => client,
             Err(error) => {
@@ -163,7 +179,12 @@ where
             }
         };
         wait_for_room(core, &Arc::downgrade(self)).await;
-        Ok(GenerationId(self.install(client, Reason::Rotate)))
+        Ok(GenerationId(self.install(client, Reason::Rotate, changes)))
+    }
+
+    /// How many changes the probe has seen so far.
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 }
 
@@ -212,8 +233,16 @@ impl<S: Send + 'static> Target for ProbeTarget<S> {
     }
 
     fn request_rotation(&self, id: u64) {
-        if let Some(rotator) = self.0.upgrade() {
-            rotator.core().request_rotation(id, Reason::Changed);
+        let Some(rotator) = self.0.upgrade() else {
+            return;
+        };
+        rotator.changes.fetch_add(1, Ordering::SeqCst);
+        rotator.core().request_rotation(id, Reason::Changed);
+        // A swap that cleared the request (under the same lock) before the
+        // request was made installed a client that may predate the change.
+        let current = rotator.generations.current_id();
+        if current != id {
+            rotator.core().request_rotation(current, Reason::Changed);
         }
     }
 
@@ -333,8 +362,9 @@ where
     let mut retry_at: Option<Instant> = None;
     // When the last rotation on failures happened, for its minimum interval.
     let mut last_failure_rotation: Option<Instant> = None;
-    // A client built for the successor of generation `.0`.
-    let mut prebuilt: Option<(u64, S)> = None;
+    // A client built for the successor of generation `.0`, and the
+    // probe's changes when its build started.
+    let mut prebuilt: Option<(u64, u64, S)> = None;
     loop {
         let mut changed = pin!(core.changed.notified());
         changed.as_mut().enable();
@@ -344,11 +374,16 @@ where
         };
         let (current_id, born, expires_at) = state.current_deadline();
         let factory = state.factory.clone();
+        let changes = state.changes();
         drop(state);
 
-        if prebuilt.as_ref().is_some_and(|(id, _)| *id != current_id) {
-            // Somebody rotated while we were building: the prebuilt client
-            // may carry what that rotation meant to replace.
+        if prebuilt
+            .as_ref()
+            .is_some_and(|(id, built, _)| *id != current_id || *built != changes)
+        {
+            // Somebody rotated while we were building, or the probe saw a
+            // change since: the prebuilt client may carry what that
+            // rotation meant to replace, or predate the change.
             prebuilt = None;
         }
 
@@ -369,10 +404,6 @@ where
             Some(reason) => earliest(expires_at, Instant::now(), reason),
             None => (expires_at, Reason::Ttl),
         };
-        if reason == Reason::Changed {
-            // A client built ahead may predate the change: build afresh.
-            prebuilt = None;
-        }
 
         let build_at = match (due, &prebuilt) {
             (None, _) => None,
@@ -398,7 +429,7 @@ where
             match build(&factory, &core, current_id, &mut failures).await {
                 Ok(client) => {
                     retry_at = None;
-                    prebuilt = Some((current_id, client));
+                    prebuilt = Some((current_id, changes, client));
                 }
                 Err(delay) => retry_at = Some(Instant::now() + delay),
             }
@@ -420,11 +451,12 @@ where
             // `rotate()` swapped while we waited: start over.
             continue;
         }
+        let changes = state.changes();
         drop(state);
-        let client = match prebuilt.take() {
-            Some((_, client)) => client,
+        let (changes, client) = match prebuilt.take() {
+            Some((_, built, client)) => (built, client),
             None => match build(&factory, &core, current_id, &mut failures).await {
-                Ok(client) => client,
+                Ok(client) => (changes, client),
                 Err(delay) => {
                     retry_at = Some(Instant::now() + delay);
                     continue;
@@ -435,7 +467,7 @@ where
         let Some(state) = rotator.upgrade() else {
             return;
         };
-        state.install(client, reason);
+        state.install(client, reason, changes);
         if reason == Reason::Failures {
             last_failure_rotation = Some(Instant::now());
         }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::error::RotateError;
+use crate::error::{ProbeError, RotateError};
 use crate::stats::GenerationStats;
 
 #[cfg(feature = "tracing")]
@@ -45,7 +45,7 @@ pub(crate) fn build_failed(current: u64, error: &RotateError, failures: u32, ret
 /// A probe failed, panicked or timed out while generation `current` was
 /// current. The error says which; no probed value is ever traced.
 #[inline]
-pub(crate) fn probe_failed(current: u64, error: &RotateError) {
+pub(crate) fn probe_failed(current: u64, error: &ProbeError) {
     #[cfg(feature = "tracing")]
     tracing::warn!(target: TARGET, generation = current, %error, "probe failed");
 }

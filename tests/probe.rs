@@ -379,3 +379,48 @@ async fn the_dns_probe_resolves_and_a_stable_answer_rotates_nothing() {
     assert_eq!(stats.failed_probes, 0, "the lookup succeeds");
     assert_eq!(stats.rotations, 0, "the same answer every time");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_change_seen_while_a_client_builds_is_not_lost() {
+    // `rotate()` builds for three periods; the probe sees a change during
+    // the build. The client `rotate()` installs may predate the change,
+    // so another rotation follows, with a client built after it.
+    const BUILD: Duration = Duration::from_secs(30);
+    let builds = Builds::default();
+    let factory = builds.factory();
+    let script = ScriptedProbe::new(1);
+    let client = RotatingClientLayer::new(2 * DAY)
+        .rotate_on_change(script.probe(PERIOD).confirmations(1))
+        .layer_async(move || {
+            let client = factory();
+            async move {
+                tokio::time::sleep(BUILD).await;
+                Ok::<_, std::io::Error>(client)
+            }
+        })
+        .await
+        .expect("first build");
+    until_probes(&script, 1, 1).await;
+    let rotation = tokio::spawn({
+        let client = client.clone();
+        async move { client.rotate().await }
+    });
+    settle().await;
+    assert_eq!(builds.count(), 2, "rotate() is building");
+    script.set(Answer::Value(2));
+    until_probes(&script, script.probes() + 1, 2).await;
+    assert_eq!(builds.count(), 2, "still building");
+
+    let id = rotation.await.expect("no panic").expect("rotate builds");
+    assert_eq!(id.0, 2);
+    tokio::time::sleep(BUILD + PERIOD).await;
+    assert_eq!(builds.count(), 3, "a client built after the change");
+    assert_eq!(served(&client).await, 3, "and it serves");
+
+    tokio::time::sleep(DAY).await;
+    assert_eq!(
+        client.stats().rotations,
+        2,
+        "rotate() and the change: nothing more"
+    );
+}

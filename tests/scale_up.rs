@@ -5,9 +5,11 @@
 //! Three [`Backends`] on 127.0.0.1-3 answer for one made-up name, through
 //! the client's own resolver hook ([`ScaleUpDns`]), which lists only
 //! backend 1 until the change and then all three, round robin. Each client
-//! kind runs the same scenario twice: built once (the control) and under
-//! `RotatingClientLayer`. Nothing depends on the clock: the rotating client
-//! has a TTL of a day and rotates on `rotate()`, at chosen points.
+//! kind runs the same scenario three times: built once (the control), and
+//! under `RotatingClientLayer` with a TTL of a day, rotated either by
+//! `rotate()` at chosen points or by a probe of the same resolver every
+//! [`PROBE_PERIOD`], which must rotate exactly once, within three periods
+//! of the change.
 //!
 //! The client kinds, each over HTTP/1.1 and HTTP/2 (h2c, prior knowledge):
 //! hyper-util's legacy `Client` (resolver: `HttpConnector::new_with_resolver`),
@@ -34,7 +36,9 @@
 
 mod test_utils;
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +53,7 @@ use hyper_util::rt::TokioExecutor;
 use test_utils::*;
 use tower::{Service, ServiceExt};
 use tower_layer::Layer;
-use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{Probe, RotatingClient, RotatingClientLayer};
 
 /// Concurrent loops of the warm-up, before the change.
 const WARM_LOOPS: usize = 16;
@@ -64,8 +68,11 @@ const ROUNDS: usize = 6;
 const REQUESTS: usize = 15;
 /// Bounds one request.
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
-/// A TTL that never expires during a test: rotation is by `rotate()` only.
+/// A TTL that never expires during a test: rotation is by `rotate()` or
+/// the probe only.
 const NEVER: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often the probe variant looks at the resolver.
+const PROBE_PERIOD: Duration = Duration::from_millis(200);
 
 /// The response of every request: one chunk of two bytes, at once.
 const PATH: &str = "/?chunks=1&chunk-delay-ms=0&chunk-size=2";
@@ -75,11 +82,20 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// One client under test: sends a GET to the URI and returns the body.
 type Sender = Arc<dyn Fn(Uri) -> BoxFuture<Result<Vec<u8>, BoxError>> + Send + Sync>;
 
-/// A client kind's pair: the control, built once, and the rotating one
-/// with the rotation the scenario triggers.
+/// A client under test, and how it renews itself.
 struct UnderTest {
     send: Sender,
-    rotate: Option<Box<dyn Fn() -> BoxFuture<()>>>,
+    renewal: Renewal,
+}
+
+/// How a client under test renews itself.
+enum Renewal {
+    /// It does not: the control.
+    None,
+    /// The scenario calls `rotate()` before each round.
+    Rotate(Box<dyn Fn() -> BoxFuture<()>>),
+    /// A probe of the resolver rotates it; this reads its rotations.
+    Probe(Box<dyn Fn() -> u64 + Send>),
 }
 
 /// A [`Sender`] for any tower HTTP client (hyper-util's `Client`, or a
@@ -104,16 +120,31 @@ where
 }
 
 /// The `rotate` of a scenario's rotating client.
-fn rotation<S>(client: RotatingClient<S>) -> Box<dyn Fn() -> BoxFuture<()>>
+fn rotation<S>(client: RotatingClient<S>) -> Renewal
 where
     S: Clone + Send + Sync + 'static,
 {
-    Box::new(move || {
+    Renewal::Rotate(Box::new(move || {
         let client = client.clone();
         Box::pin(async move {
             client.rotate().await.expect("rotate builds a client");
         })
+    }))
+}
+
+/// The probe variant's renewal: reads the client's rotations.
+fn probed<S: Send + 'static>(client: RotatingClient<S>) -> Renewal {
+    Renewal::Probe(Box::new(move || client.stats().rotations))
+}
+
+/// A probe of the scenario's resolver, as `Probe::dns` would look at a
+/// real name: answers compared as sets, rotating when one adds an
+/// address.
+fn dns_probe(dns: ScaleUpDns) -> Probe<BTreeSet<SocketAddr>> {
+    Probe::new(PROBE_PERIOD, move || {
+        std::future::ready(dns.lookup(BACKENDS_HOST).map(BTreeSet::from_iter))
     })
+    .changed_when(|seen, now| !now.is_subset(seen))
 }
 
 /// What one scenario measured.
@@ -176,13 +207,27 @@ async fn scale_up(make: impl FnOnce(ScaleUpDns) -> UnderTest) -> Outcome {
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(20)).await;
 
+    if let Renewal::Probe(rotations) = &client.renewal {
+        assert_eq!(rotations(), 0, "probe: no rotation before the change");
+    }
     dns.scale_up();
     let before = backends.requests();
+    if let Renewal::Probe(rotations) = &client.renewal {
+        tokio::time::sleep(3 * PROBE_PERIOD).await;
+        assert_eq!(
+            rotations(),
+            1,
+            "probe: one rotation within three periods of the change"
+        );
+    }
     for _ in 0..ROUNDS {
-        if let Some(rotate) = &client.rotate {
+        if let Renewal::Rotate(rotate) = &client.renewal {
             rotate().await;
         }
         failed.extend(load(&client.send, &uri, LOOPS, REQUESTS).await);
+    }
+    if let Renewal::Probe(rotations) = &client.renewal {
+        assert_eq!(rotations(), 1, "probe: exactly one rotation in all");
     }
     let now = backends.requests();
     Outcome {
@@ -199,7 +244,6 @@ async fn check(
     rotating: impl FnOnce(ScaleUpDns) -> UnderTest,
 ) {
     let after = LOOPS * ROUNDS * REQUESTS;
-
     let outcome = scale_up(control).await;
     assert_eq!(
         outcome.failed,
@@ -216,7 +260,12 @@ async fn check(
         "{kind}: control after the change {:?}",
         outcome.after_change
     );
+    check_rotating(kind, rotating).await;
+}
 
+/// Runs the scenario for a rotating client and checks it moved traffic.
+async fn check_rotating(kind: &str, rotating: impl FnOnce(ScaleUpDns) -> UnderTest) {
+    let after = LOOPS * ROUNDS * REQUESTS;
     let outcome = scale_up(rotating).await;
     assert_eq!(
         outcome.failed,
@@ -256,14 +305,30 @@ async fn hyper_util(http2_only: bool) {
         &format!("hyper-util, http2_only={http2_only}"),
         |dns| UnderTest {
             send: tower_sender(hyper_util_client(dns, http2_only)),
-            rotate: None,
+            renewal: Renewal::None,
         },
         |dns| {
             let client = RotatingClientLayer::new(NEVER)
                 .layer(move || hyper_util_client(dns.clone(), http2_only));
             UnderTest {
                 send: tower_sender(client.clone()),
-                rotate: Some(rotation(client)),
+                renewal: rotation(client),
+            }
+        },
+    )
+    .await;
+}
+
+async fn hyper_util_probed(http2_only: bool) {
+    check_rotating(
+        &format!("hyper-util, http2_only={http2_only}, probe"),
+        |dns| {
+            let client = RotatingClientLayer::new(NEVER)
+                .rotate_on_change(dns_probe(dns.clone()))
+                .layer(move || hyper_util_client(dns.clone(), http2_only));
+            UnderTest {
+                send: tower_sender(client.clone()),
+                renewal: probed(client),
             }
         },
     )
@@ -278,6 +343,16 @@ async fn hyper_util_http1() {
 #[tokio::test]
 async fn hyper_util_http2() {
     hyper_util(true).await;
+}
+
+#[tokio::test]
+async fn hyper_util_http1_probe() {
+    hyper_util_probed(false).await;
+}
+
+#[tokio::test]
+async fn hyper_util_http2_probe() {
+    hyper_util_probed(true).await;
 }
 
 /// A [`Sender`] for reqwest's own types: `reqwest::Client` itself, or a
@@ -333,7 +408,7 @@ async fn reqwest(http2: bool) {
                 reqwest_client(dns, http2).expect("reqwest builds a client"),
                 version,
             ),
-            rotate: None,
+            renewal: Renewal::None,
         },
         |dns| {
             let client = RotatingClientLayer::new(NEVER)
@@ -341,10 +416,30 @@ async fn reqwest(http2: bool) {
                 .expect("reqwest builds a client");
             UnderTest {
                 send: reqwest_sender(client.clone(), version),
-                rotate: Some(rotation(client)),
+                renewal: rotation(client),
             }
         },
     )
+    .await;
+}
+
+#[cfg(feature = "reqwest")]
+async fn reqwest_probed(http2: bool) {
+    let version = if http2 {
+        reqwest::Version::HTTP_2
+    } else {
+        reqwest::Version::HTTP_11
+    };
+    check_rotating(&format!("reqwest, http2={http2}, probe"), |dns| {
+        let client = RotatingClientLayer::new(NEVER)
+            .rotate_on_change(dns_probe(dns.clone()))
+            .try_layer(move || reqwest_client(dns.clone(), http2))
+            .expect("reqwest builds a client");
+        UnderTest {
+            send: reqwest_sender(client.clone(), version),
+            renewal: probed(client),
+        }
+    })
     .await;
 }
 
@@ -358,4 +453,16 @@ async fn reqwest_http1() {
 #[tokio::test]
 async fn reqwest_http2() {
     reqwest(true).await;
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_http1_probe() {
+    reqwest_probed(false).await;
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_http2_probe() {
+    reqwest_probed(true).await;
 }

@@ -16,10 +16,14 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use tower::Layer;
-use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{Probe, RotatingClient, RotatingClientLayer};
 
 mod test_utils;
 use test_utils::{advance, open_stream, settle, Builds, TagClient};
+
+/// What the probe of [`one_probe_lifecycle`] reads, a secret: its value
+/// must never reach a log line.
+const SECRETS: [&str; 2] = ["sk-live-FIRST-secret", "sk-live-SECOND-secret"];
 
 /// Collects formatted events.
 #[derive(Clone, Default)]
@@ -69,6 +73,36 @@ async fn one_lifecycle() {
     advance(Duration::from_secs(5)).await;
     drop(tx);
     assert!(body.frame().await.is_none(), "the stream ends");
+    drop(client);
+}
+
+/// A probe whose secret value changes once and then fails once.
+async fn one_probe_lifecycle() {
+    let step = Arc::new(Mutex::new(0usize));
+    let probe = Probe::new(Duration::from_secs(1), {
+        let step = Arc::clone(&step);
+        move || {
+            let step = Arc::clone(&step);
+            async move {
+                let mut step = step.lock().expect("not poisoned");
+                *step += 1;
+                match *step {
+                    1..=2 => Ok(SECRETS[0].to_owned()),
+                    3..=5 => Ok(SECRETS[1].to_owned()),
+                    _ => Err(std::io::Error::other("secret store unreachable")),
+                }
+            }
+        }
+    });
+    let client: RotatingClient<TagClient> = RotatingClientLayer::new(Duration::from_secs(3600))
+        .rotate_on_change(probe)
+        .layer(Builds::default().factory());
+    settle().await;
+    for _ in 0..8 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(client.stats().rotations, 1, "the changed secret rotated");
+    assert!(client.stats().failed_probes >= 1, "and a probe failed");
     drop(client);
 }
 
@@ -134,4 +168,29 @@ fn lifecycle_events_carry_the_generation_and_its_figures() {
         "retired with its age and requests: {retired}"
     );
     line(&lines, "retired", "generation=2");
+
+    captured.clear();
+    paused_runtime().block_on(one_probe_lifecycle());
+    let lines = captured.lines();
+    let changed = line(&lines, "probed value changed", "generation=1");
+    assert!(
+        changed.contains("confirmations=2"),
+        "the change names its confirmations: {changed}"
+    );
+    let swap = line(&lines, "swap", "generation=2");
+    assert!(
+        swap.contains("reason=\"changed\""),
+        "a probe's rotation has reason `changed`: {swap}"
+    );
+    let failed = line(&lines, "probe failed", "generation=2");
+    assert!(
+        failed.contains("WARN") && failed.contains("secret store unreachable"),
+        "a failed probe is a warning with its error: {failed}"
+    );
+    for secret in SECRETS {
+        assert!(
+            lines.iter().all(|line| !line.contains(secret)),
+            "no probed value in any event: {lines:#?}"
+        );
+    }
 }
