@@ -8,6 +8,10 @@
 //! Variants, all in the same run:
 //!
 //! - `bare`: the trivial client alone;
+//! - `floor`: the trivial client plus two atomic read-modify-writes per
+//!   request on its handle's own counter, and one shared `Arc` bumped per
+//!   clone: the least a design that keeps a generation alive can pay (see
+//!   [`Floor`]);
 //! - `rotating/no_rotation`: `RotatingClient` with a 1 h TTL;
 //! - `rotating/rotate_every_1000`: `RotatingClient`, `rotate()` about every
 //!   1,000 requests (a sync factory, so a rotation is a build plus a swap);
@@ -168,6 +172,56 @@ fn timed(
 // ---------------------------------------------------------------------------
 // Alternative designs
 // ---------------------------------------------------------------------------
+
+/// The floor: the trivial client plus the two atomic read-modify-writes
+/// that any design keeping a generation alive per request needs (take a
+/// lease, release it), both on a line only this handle writes. A clone
+/// also bumps one shared `Arc`, as a handle on shared state does; so a
+/// fresh clone per request costs six read-modify-writes (the client's
+/// clone and drop, the handle's, the lease's), the floor of that column.
+struct Floor<S> {
+    inner: S,
+    shared: Arc<()>,
+    leases: AtomicU64,
+}
+
+impl<S> Floor<S> {
+    fn new(inner: S) -> Self {
+        Floor {
+            inner,
+            shared: Arc::new(()),
+            leases: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<S: Clone> Clone for Floor<S> {
+    fn clone(&self) -> Self {
+        Floor {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+            leases: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<S: Service<Request<()>>> Service<Request<()>> for Floor<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        std::hint::black_box(&self.leases).fetch_add(1, Ordering::AcqRel);
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Request<()>) -> S::Future {
+        std::hint::black_box(&self.leases).fetch_sub(1, Ordering::AcqRel);
+        self.inner.call(request)
+    }
+}
 
 /// A generation of an alternative design: an id, the client, and a count
 /// of requests served (`RotatingClient` counts them too, for `stats()` and
@@ -509,8 +563,9 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The variants, in table order.
-const VARIANTS: [&str; 7] = [
+const VARIANTS: [&str; 8] = [
     "bare",
+    "floor",
     "rotating/no_rotation",
     "rotating/rotate_every_1000",
     "alt/rwlock_arc",
@@ -764,6 +819,7 @@ where
     };
     let mut runners = [
         runner(mode, "bare", inner.clone(), None),
+        runner(mode, "floor", Floor::new(inner.clone()), None),
         runner(mode, "rotating/no_rotation", steady, None),
         runner(
             mode,
@@ -791,10 +847,19 @@ where
         ),
         runner(mode, "alt/weak_upgrade", WeakClient::new(inner), None),
     ];
+    if let Some((group, variant, n)) = count_only() {
+        // One variant's loop alone, for an instruction count.
+        if group == mode.group() {
+            if let Some(runner) = runners.iter_mut().find(|runner| runner.id == variant) {
+                runner.run(n);
+            }
+        }
+        return;
+    }
     bench_runners(&mut group, samples, mode, &mut runners);
     group.finish();
     assert!(
-        !runners[2].rotation_due() || rotating.stats().rotations > 0,
+        !runners[3].rotation_due() || rotating.stats().rotations > 0,
         "the rotating variant did rotate"
     );
 }
@@ -875,6 +940,17 @@ fn print_table(samples: &Samples, prefix: &str, title: &str) {
              (loop included)"
         );
     }
+    for mode in COLUMNS {
+        if let (Some(layer), Some(floor)) =
+            (median(mode, "rotating/no_rotation"), median(mode, "floor"))
+        {
+            println!(
+                "\n{}: rotating/no_rotation is {:+.1} ns from the floor",
+                mode.group(),
+                layer - floor
+            );
+        }
+    }
     let bare_single = median(Mode::Single, "bare");
     if let (Some(single), Some(two)) = (bare_single, median(Mode::Threads(2), "bare")) {
         println!(
@@ -899,7 +975,36 @@ fn print_table(samples: &Samples, prefix: &str, title: &str) {
     }
 }
 
+/// `HOT_PATH_COUNT=<group>/<variant>=<n>`: run only that variant's loop, `n`
+/// requests (per thread), after its warm-up, and print nothing. For
+/// instruction counts: under `valgrind --tool=callgrind`, the difference
+/// between two values of `n`, over their difference, is the variant's
+/// instructions per request (setup and warm-up cancel out).
+fn count_only() -> Option<(String, String, u64)> {
+    let spec = std::env::var("HOT_PATH_COUNT").ok()?;
+    let (path, n) = spec.rsplit_once('=')?;
+    let (group, variant) = path.split_once('/')?;
+    Some((group.to_owned(), variant.to_owned(), n.parse().ok()?))
+}
+
+/// Every column's group, in table order.
+fn bench_columns(criterion: &mut Criterion, samples: &Samples) {
+    bench_group(criterion, samples, Mode::Single, Trivial);
+    bench_group(criterion, samples, Mode::Threads(2), Trivial);
+    bench_group(criterion, samples, Mode::Threads(4), Trivial);
+    bench_group(
+        criterion,
+        samples,
+        Mode::ClonePerRequest,
+        SharedTrivial::default(),
+    );
+}
+
 fn main() {
+    if count_only().is_some() {
+        bench_columns(&mut Criterion::default(), &Samples::default());
+        return;
+    }
     // Shorter than criterion's defaults (3 s + 5 s per benchmark), and no
     // HTML plots (they added over a minute), so that the 30 benchmarks take
     // about 2 minutes; arguments still override the times.
@@ -910,15 +1015,7 @@ fn main() {
         .configure_from_args();
     let samples = Samples::default();
     bench_calibration(&mut criterion, &samples);
-    bench_group(&mut criterion, &samples, Mode::Single, Trivial);
-    bench_group(&mut criterion, &samples, Mode::Threads(2), Trivial);
-    bench_group(&mut criterion, &samples, Mode::Threads(4), Trivial);
-    bench_group(
-        &mut criterion,
-        &samples,
-        Mode::ClonePerRequest,
-        SharedTrivial::default(),
-    );
+    bench_columns(&mut criterion, &samples);
     criterion.final_summary();
     print_table(
         &samples,

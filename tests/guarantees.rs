@@ -5,7 +5,11 @@
 //! Every test names, in its doc comment, the change to the crate it was
 //! seen failing against.
 
+use std::convert::Infallible;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +20,7 @@ use tower_rotating_client::{CallOutcome, GenerationId, RotatingClientLayer};
 mod test_utils;
 use test_utils::{
     advance, next_data, open_request, open_response, open_stream, served_by, settle, BodyError,
-    Builds, Mocks, RetireLog, ScriptBody, Step,
+    Builds, Mocks, RetireLog, ScriptBody, Step, TagClient,
 };
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -214,6 +218,78 @@ async fn a_ready_handle_polled_again_after_a_rotation_calls_the_generation_it_re
     let (_tx, request) = open_request();
     let response = handle.ready().await.expect("infallible").call(request);
     assert_eq!(served_by(&response.await.expect("infallible")), 2);
+}
+
+/// A client that is ready only while its gate is open.
+#[derive(Clone)]
+struct Gated {
+    client: TagClient,
+    open: Arc<AtomicBool>,
+}
+
+impl Service<Request> for Gated {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = <TagClient as Service<Request>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.open.load(Ordering::SeqCst) {
+            self.client.poll_ready(cx)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.client.call(request)
+    }
+}
+
+/// Guarantee 2, its other half: a handle waiting for readiness reserves
+/// nothing, even one that was Ready before. Seen failing with the `Pending`
+/// branch of `RotatingClient::poll_cached` no longer clearing the
+/// reservation ("a handle waiting for readiness reserves nothing", left 1).
+#[tokio::test(start_paused = true)]
+async fn a_ready_handle_whose_client_turns_pending_reserves_nothing() {
+    let (builds, retired) = (Builds::default(), RetireLog::default());
+    let open = Arc::new(AtomicBool::new(true));
+    let factory = {
+        let (build, open) = (builds.factory(), Arc::clone(&open));
+        move || Gated {
+            client: build(),
+            open: Arc::clone(&open),
+        }
+    };
+    let client = RotatingClientLayer::new(TTL)
+        .jitter(0.0)
+        .on_retire(retired.hook())
+        .layer(factory);
+    let mut handle = client.clone();
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(Service::<Request>::poll_ready(&mut handle, &mut cx).is_ready());
+    assert_eq!(
+        client.stats().in_flight(),
+        1,
+        "Ready: generation 1 reserved"
+    );
+
+    open.store(false, Ordering::SeqCst);
+    assert!(Service::<Request>::poll_ready(&mut handle, &mut cx).is_pending());
+    assert_eq!(
+        client.stats().in_flight(),
+        0,
+        "a handle waiting for readiness reserves nothing"
+    );
+    assert_eq!(client.rotate().await.expect("builds"), GenerationId(2));
+    settle().await;
+    assert_eq!(retired.ids(), vec![1], "nothing holds generation 1");
+
+    // Ready again: the handle reserves, and calls, the current generation.
+    open.store(true, Ordering::SeqCst);
+    assert!(Service::<Request>::poll_ready(&mut handle, &mut cx).is_ready());
+    let (_tx, request) = open_request();
+    let response = handle.call(request).await.expect("infallible");
+    assert_eq!(served_by(&response), 2);
 }
 
 // ---------------------------------------------------------------------------
