@@ -1,6 +1,12 @@
 //! How new clients are made: sync, fallible sync and async factories
 //! behind one type, with panics and (for async builds) timeouts turned
 //! into a [`RotateError`].
+//!
+//! Where a build runs: a sync factory's builds (after the first, which
+//! `layer`/`try_layer` make on the caller's thread) run on tokio's
+//! blocking pool, so a factory that reads files or sets up TLS stalls no
+//! runtime worker. An async factory's future runs on the task that awaits
+//! it (the driver, or the caller of `rotate()`), like any other future.
 
 use std::any::Any;
 use std::fmt;
@@ -11,16 +17,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
+
 use crate::error::{BoxError, RotateError};
 
 /// Builds are off the request path, so boxing here costs nothing that
 /// matters.
 type BuildFuture<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
 
+/// A sync build, started on the blocking pool.
+type BlockingBuild<S> = Pin<Box<dyn Future<Output = Result<S, RotateError>> + Send>>;
+
 /// How new clients are made.
 pub(crate) enum Factory<S> {
-    /// Called at expiry; an infallible factory always returns `Ok`.
-    Sync(Arc<dyn Fn() -> Result<S, BoxError> + Send + Sync>),
+    /// Called at expiry, on the blocking pool; an infallible factory always
+    /// returns `Ok`.
+    Sync(Arc<dyn Fn() -> BlockingBuild<S> + Send + Sync>),
     /// Started `build_ahead` of expiry, bounded by `build_timeout`.
     Async(Arc<dyn Fn() -> BuildFuture<S> + Send + Sync>),
 }
@@ -39,8 +51,13 @@ impl<S: 'static> Factory<S> {
     where
         F: Fn() -> Result<S, E> + Send + Sync + 'static,
         E: Into<BoxError>,
+        S: Send,
     {
-        Factory::Sync(Arc::new(move || make().map_err(Into::into)))
+        let make = Arc::new(make);
+        Factory::Sync(Arc::new(move || {
+            let make = Arc::clone(&make);
+            Box::pin(on_blocking_pool(move || call_sync(&*make)))
+        }))
     }
 
     pub(crate) fn from_async<M, Fut, E>(make: M) -> Self
@@ -60,11 +77,10 @@ impl<S: 'static> Factory<S> {
     }
 
     /// Builds one client. Never panics: a panicking factory is an error.
+    /// A sync build has no timeout: it cannot be interrupted.
     pub(crate) async fn build(&self, timeout: Duration) -> Result<S, RotateError> {
         match self {
-            Factory::Sync(make) => catch_unwind(AssertUnwindSafe(|| make()))
-                .map_err(|panic| RotateError::panicked(panic.as_ref()))?
-                .map_err(RotateError::failed),
+            Factory::Sync(start) => start().await,
             Factory::Async(make) => {
                 let fut = catch_unwind(AssertUnwindSafe(|| make()))
                     .map_err(|panic| RotateError::panicked(panic.as_ref()))?;
@@ -76,6 +92,39 @@ impl<S: 'static> Factory<S> {
                 }
             }
         }
+    }
+}
+
+/// Calls a sync factory once; a panic becomes an error.
+fn call_sync<S, E: Into<BoxError>>(make: &dyn Fn() -> Result<S, E>) -> Result<S, RotateError> {
+    catch_unwind(AssertUnwindSafe(make))
+        .map_err(|panic| RotateError::panicked(panic.as_ref()))?
+        .map_err(|error| RotateError::failed(error.into()))
+}
+
+/// Runs `build` on the blocking pool of the current runtime and waits for
+/// it without holding a worker. Outside a runtime (a `rotate()` future
+/// polled by another executor) there is no worker to stall, and it runs
+/// in place.
+///
+/// If the awaiting future is dropped, the build still finishes on the pool
+/// and its client is dropped there.
+async fn on_blocking_pool<S, F>(build: F) -> Result<S, RotateError>
+where
+    S: Send + 'static,
+    F: FnOnce() -> Result<S, RotateError> + Send + 'static,
+{
+    let Ok(runtime) = Handle::try_current() else {
+        return build();
+    };
+    match runtime.spawn_blocking(build).await {
+        Ok(built) => built,
+        // `build` catches its own panics; this is a shutting-down runtime
+        // that dropped the build before it ran.
+        Err(error) => Err(match error.try_into_panic() {
+            Ok(panic) => RotateError::panicked(panic.as_ref()),
+            Err(cancelled) => RotateError::failed(Box::new(cancelled)),
+        }),
     }
 }
 
@@ -110,6 +159,9 @@ where
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
     use std::time::Duration;
 
     use super::Factory;
@@ -151,5 +203,17 @@ mod tests {
 
         let fine = Factory::<u8>::from_async(|| async { Ok::<_, std::io::Error>(7) });
         assert_eq!(fine.build(Duration::from_secs(1)).await.ok(), Some(7));
+    }
+
+    /// A `rotate()` future polled by another executor, after the driver
+    /// started on a runtime: no blocking pool to hand the build to.
+    #[test]
+    fn a_sync_build_outside_a_runtime_runs_in_place() {
+        let factory = Factory::from_sync(|| Ok::<_, std::io::Error>(std::thread::current().id()));
+        let mut build = pin!(factory.build(Duration::from_secs(1)));
+        match build.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(built_on)) => assert_eq!(built_on, std::thread::current().id()),
+            other => panic!("expected a build in place, at once: {other:?}"),
+        }
     }
 }

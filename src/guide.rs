@@ -1,7 +1,8 @@
 //! # Operator's guide
 //!
 //! How to choose the settings, when not to use this crate, how it compares
-//! with the systems that do part of the same job, and recipes.
+//! with the systems that do part of the same job, where factories run, how
+//! to put a timeout and a retry around the client, and recipes.
 //!
 //! # Choosing the settings
 //!
@@ -101,6 +102,112 @@
 //! client-side layer cannot; .NET ties lifetimes into dependency injection
 //! and named clients. What none of them does: track a streaming response to
 //! its last byte and retire the client exactly then.
+//!
+//! # Where factories run
+//!
+//! The first client is built by the call that makes the rotating client
+//! (`layer` or `try_layer` on your thread, `layer_async` awaited by you),
+//! so its failure reaches you. Later builds happen in the background:
+//!
+//! - A **sync factory** (`layer`, `try_layer`) runs on Tokio's blocking
+//!   pool, at expiry and in `rotate()`. It may block: read a key file, load
+//!   a root store, build a TLS config. No runtime worker waits for it, on a
+//!   current-thread runtime either.
+//! - An **async factory** (`layer_async`) runs on the runtime, started
+//!   `build_ahead` of expiry and bounded by `build_timeout`. Await I/O in
+//!   it (a connect, a probe); move blocking work into
+//!   `tokio::task::spawn_blocking(..).await` inside it.
+//!
+//! A background build that fails or panics reaches no request: the current
+//! generation keeps serving, and the build is counted and retried with
+//! backoff. The [crate docs](crate#factories-and-where-they-run) show which
+//! method takes which factory.
+//!
+//! # Timeout, retry and a boxed stack
+//!
+//! A gateway puts the rotating client under a timeout and a retry, and
+//! boxes the stack to store it. Three things to know:
+//!
+//! - tower's `Timeout` ends with the response head. A streamed body goes on
+//!   after it, so bound the body as well: reqwest's per-request timeout
+//!   lasts until the body has ended (`ClientBuilder::read_timeout` bounds
+//!   the wait between reads); for `http::Response` clients, tower-http's
+//!   `ResponseBodyTimeoutLayer` bounds the wait between frames.
+//! - `tower::retry` needs a copy of the request for every attempt:
+//!   `reqwest::Request::try_clone`, which gives `None` for a streamed
+//!   request body (that request is then sent once). Every attempt starts
+//!   with a fresh `poll_ready`, so a retry after a rotation uses the new
+//!   generation.
+//! - The boxed stack has no `stats()` or `rotate()`. Keep a clone of the
+//!   `RotatingClient` next to it; clones share everything.
+//!
+//! ```no_run
+//! # #[cfg(feature = "reqwest")]
+//! # async fn example() -> Result<(), tower::BoxError> {
+//! use std::future::{ready, Ready};
+//! use std::time::Duration;
+//! use tower::retry::Policy;
+//! use tower::util::BoxCloneSyncService;
+//! use tower::{BoxError, ServiceBuilder, ServiceExt};
+//! use tower_rotating_client::{RotatingClient, RotatingClientLayer};
+//!
+//! /// Sends a request turned away with a 503 again, at most `left` times:
+//! /// the upstream did not process it, so even a POST is safe to repeat.
+//! #[derive(Clone)]
+//! struct RetryOverloaded {
+//!     left: u32,
+//! }
+//!
+//! impl Policy<reqwest::Request, reqwest::Response, BoxError> for RetryOverloaded {
+//!     type Future = Ready<()>;
+//!
+//!     fn retry(
+//!         &mut self,
+//!         _request: &mut reqwest::Request,
+//!         result: &mut Result<reqwest::Response, BoxError>,
+//!     ) -> Option<Ready<()>> {
+//!         match result {
+//!             Ok(response) if response.status() == 503 && self.left > 0 => {
+//!                 self.left -= 1;
+//!                 Some(ready(()))
+//!             }
+//!             _ => None,
+//!         }
+//!     }
+//!
+//!     fn clone_request(&mut self, request: &reqwest::Request) -> Option<reqwest::Request> {
+//!         request.try_clone()
+//!     }
+//! }
+//!
+//! // `try_layer` on the layer, outside the builder; the client goes in below.
+//! let client: RotatingClient<reqwest::Client> = RotatingClientLayer::new(Duration::from_secs(300))
+//!     .try_layer(|| reqwest::Client::builder().build())?;
+//! let upstream: BoxCloneSyncService<reqwest::Request, reqwest::Response, BoxError> =
+//!     BoxCloneSyncService::new(
+//!         ServiceBuilder::new()
+//!             .retry(RetryOverloaded { left: 2 })
+//!             .timeout(Duration::from_secs(10)) // each attempt, up to its response head
+//!             .service(client.clone()),
+//!     );
+//!
+//! let url = "http://127.0.0.1:8080/v1/messages".parse()?;
+//! let mut request = reqwest::Request::new(reqwest::Method::POST, url);
+//! *request.body_mut() = Some(r#"{"model":"m","stream":true}"#.into()); // bytes: `try_clone` works
+//! *request.timeout_mut() = Some(Duration::from_secs(300)); // the whole response, body included
+//! let response = upstream.clone().oneshot(request).await?.error_for_status()?;
+//! # drop(response);
+//!
+//! // The kept handle, for what the box hides.
+//! println!("{} generations live", client.stats().live_generations());
+//! client.rotate().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/reqwest_gateway.rs` runs this stack in an axum gateway that
+//! streams server-sent events back and reloads its upstream key from a
+//! file.
 //!
 //! # Recipes
 //!

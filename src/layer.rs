@@ -395,6 +395,11 @@ impl<H> RotatingClientLayer<H> {
     /// timed-out build leaves the current generation serving and is
     /// retried with backoff ([`build_backoff`]).
     ///
+    /// The factory's future runs on the runtime like any task: move
+    /// blocking work in it (reading files, building a TLS config) into
+    /// `tokio::task::spawn_blocking`. Call this on the layer, outside any
+    /// `ServiceBuilder` chain.
+    ///
     /// [`build_ahead`]: RotatingClientLayer::build_ahead
     /// [`build_backoff`]: RotatingClientLayer::build_backoff
     pub async fn layer_async<M, Fut, S, E>(&self, make: M) -> Result<RotatingClient<S>, E>
@@ -413,12 +418,21 @@ impl<H> RotatingClientLayer<H> {
     /// as `reqwest::ClientBuilder::build` or a client that reads TLS
     /// material from disk.
     ///
-    /// The first generation is built before this returns, so its error
-    /// reaches the caller unchanged. Later generations are built in the
-    /// background at expiry; a failed or panicking build leaves the current
-    /// generation serving, is counted in
+    /// The first generation is built before this returns, on the caller's
+    /// thread, so its error reaches the caller unchanged. Later generations
+    /// are built in the background at expiry (and by
+    /// [`rotate`](RotatingClient::rotate)), on Tokio's blocking pool, so
+    /// the factory may block; a failed or panicking build leaves the
+    /// current generation serving, is counted in
     /// [`Stats::failed_builds`](crate::Stats::failed_builds), and is retried
     /// with backoff ([`build_backoff`](RotatingClientLayer::build_backoff)).
+    ///
+    /// Call it on the layer, not inside a `ServiceBuilder` chain, and put
+    /// the client into one with `.service(client)`. Given to
+    /// `ServiceBuilder::service`, a factory that returns a `Result` fails
+    /// to compile with "the trait bound `E: Clone` is not satisfied ...
+    /// required for `Result<S, E>` to implement `Clone`": the builder takes
+    /// the `Result` itself for the client.
     ///
     /// ```
     /// use std::time::Duration;
@@ -467,11 +481,15 @@ where
 {
     type Service = RotatingClient<S>;
 
-    /// Builds the first generation by calling `factory` (a panic in it
-    /// reaches the caller) and returns the service. No runtime is needed
+    /// Builds the first generation by calling `factory` on this thread (a
+    /// panic in it reaches the caller) and returns the service. Later
+    /// generations are built on Tokio's blocking pool. No runtime is needed
     /// here: the rotation timer starts now if a Tokio runtime is present,
     /// otherwise on first use inside one. For a factory that returns a
     /// `Result`, use [`try_layer`](RotatingClientLayer::try_layer).
+    ///
+    /// This is the [`Layer`] trait's method: call it with `use tower::Layer;`
+    /// (or `use tower_layer::Layer;`) in scope.
     fn layer(&self, factory: F) -> RotatingClient<S> {
         let first = factory();
         self.service(

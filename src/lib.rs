@@ -90,7 +90,8 @@
 //!   `B: http_body::Body`: hyper-util's legacy `Client`, a tonic `Channel`,
 //!   an axum `Router`, tower stacks over them. The rotating client returns
 //!   `http::Response<ResponseBody<B>>`.
-//! - **reqwest** (feature `reqwest`): `layer(reqwest::Client::new)` makes a
+//! - **reqwest** (feature `reqwest`): `layer(reqwest::Client::new)` (with
+//!   `use tower::Layer;`) makes a
 //!   `Service<reqwest::Request>` with `Response = reqwest::Response` and
 //!   `Error = reqwest::Error`, plus `RotatingClient::execute`. The lease
 //!   rides in the response body, so `json()`, `bytes_stream()`, `chunk()`,
@@ -112,9 +113,9 @@
 //! satisfied".
 //!
 //! ```
-//! # use std::time::Duration;
-//! # use tower::{service_fn, Layer, ServiceExt};
-//! # use tower_rotating_client::RotatingClientLayer;
+//! use std::time::Duration;
+//! use tower::{service_fn, Layer, ServiceExt}; // `Layer` for `.layer(make_client)`
+//! use tower_rotating_client::RotatingClientLayer;
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), std::convert::Infallible> {
 //! // A client answering with a plain `String`, mapped into an `http::Response`.
@@ -129,6 +130,87 @@
 //! # }
 //! ```
 //!
+//! # Factories, and where they run
+//!
+//! | the factory | give it to | first build | later builds |
+//! |---|---|---|---|
+//! | `Fn() -> S` | [`layer`](tower_layer::Layer::layer), directly or through `ServiceBuilder` | inside `layer`, on your thread | on Tokio's blocking pool |
+//! | `Fn() -> Result<S, E>` | [`try_layer`](RotatingClientLayer::try_layer) | inside `try_layer`, on your thread | on Tokio's blocking pool |
+//! | `Fn() -> impl Future<Output = Result<S, E>>` | [`layer_async`](RotatingClientLayer::layer_async) | awaited by you | on the runtime, within [`build_timeout`] |
+//!
+//! - **`layer` is tower's [`Layer`](tower_layer::Layer) trait method.**
+//!   Calling it on the layer needs `use tower::Layer;` (or
+//!   `tower_layer::Layer`); without it, E0599 "no method named `layer`".
+//!   `ServiceBuilder::new().layer(..).service(factory)` needs no import.
+//! - **`try_layer` and `layer_async` are called on the layer itself,**
+//!   outside any `ServiceBuilder` chain; put the client they return into
+//!   one with `.service(client)`. A factory that returns a `Result`, given
+//!   to `ServiceBuilder::service` or to `layer`, is read as a factory whose
+//!   client *is* the `Result`, which is not a client: "the trait bound
+//!   `reqwest::Error: Clone` is not satisfied ... required for
+//!   `Result<Client, reqwest::Error>` to implement `Clone`" means exactly
+//!   that. Give it to `try_layer`.
+//! - **A sync factory may block.** Its builds after the first, timed ones
+//!   and those of [`rotate`](RotatingClient::rotate) alike, run on Tokio's
+//!   blocking pool (`spawn_blocking`), so reading key material from disk,
+//!   loading a root store or building a TLS config holds no runtime worker
+//!   (a current-thread runtime included) while requests go on through the
+//!   current generation. A sync build cannot be interrupted, so
+//!   `build_timeout` does not apply to it; if the future of `rotate()` is
+//!   dropped, the build still ends on the pool and its client is dropped
+//!   there.
+//! - **An async factory must not block.** Its future runs on the runtime,
+//!   in the rotation task (or in the caller of `rotate()`), like any other
+//!   future. Move blocking work inside it to the blocking pool, and keep
+//!   the awaits (a connect, a probe) where they are:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use tower_rotating_client::{BoxError, RotatingClientLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let client = RotatingClientLayer::new(Duration::from_secs(600))
+//!     .layer_async(|| async {
+//!         // What a real factory loads: a certificate, a key, a root store.
+//!         let pem = tokio::task::spawn_blocking(|| std::fs::read("/dev/null")).await??;
+//!         Ok::<_, BoxError>(service_fn(move |_request: http::Request<String>| {
+//!             let length = pem.len();
+//!             async move { Ok::<_, BoxError>(http::Response::new(length.to_string())) }
+//!         }))
+//!     })
+//!     .await?;
+//! # let _ = client;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Panics and errors are failed builds wherever the factory runs (see
+//! below).
+//!
+//! # With a timeout, a retry and a boxed stack
+//!
+//! - **Timeout.** tower's `Timeout` bounds the response future, which ends
+//!   with the response head; a streamed body goes on after it. Bound the
+//!   body too: with reqwest, by its per-request timeout
+//!   (`*request.timeout_mut() = Some(..)`, or `RequestBuilder::timeout`),
+//!   which lasts until the body has ended, or `ClientBuilder::read_timeout`
+//!   between reads; with an `http::Response` client, by a body timeout such
+//!   as tower-http's `ResponseBodyTimeoutLayer`.
+//! - **Retry.** `tower::retry` sends a copy of the request again: for
+//!   reqwest, `Policy::clone_request` returns `request.try_clone()`
+//!   (`None` for a streamed request body, which is then sent once). Each
+//!   attempt is a fresh `poll_ready`, so a retry after a rotation goes to
+//!   the new generation.
+//! - **A boxed stack** (`BoxCloneSyncService`) has no
+//!   [`stats`](RotatingClient::stats) or [`rotate`](RotatingClient::rotate):
+//!   keep a clone of the `RotatingClient` beside it. Clones share
+//!   everything.
+//!
+//! The [guide](guide#timeout-retry-and-a-boxed-stack) has the whole
+//! stack, and `examples/reqwest_gateway.rs` runs it in an axum gateway.
+//!
 //! # The lifecycle of a generation
 //!
 //! A *generation* is one client built by the factory, with an id (the first
@@ -138,10 +220,11 @@
 //!    [`layer`](tower_layer::Layer::layer) (or
 //!    [`try_layer`](RotatingClientLayer::try_layer) and
 //!    [`layer_async`](RotatingClientLayer::layer_async) for factories that
-//!    can fail), so its failure reaches the caller. Later ones are built off the request path by a
-//!    background task: a sync factory is called when the current generation
-//!    expires; an async factory is started [`build_ahead`] of expiry, so
-//!    that it has connected by the time it becomes current. A build that
+//!    can fail), so its failure reaches the caller. Later ones are built off
+//!    the request path by a background task: a sync factory is called when
+//!    the current generation expires, on Tokio's blocking pool; an async
+//!    factory is started [`build_ahead`] of expiry, so that it has connected
+//!    by the time it becomes current. A build that
 //!    fails, panics or exceeds [`build_timeout`] leaves the current
 //!    generation serving, is counted in [`Stats::failed_builds`], and is
 //!    retried with capped backoff ([`build_backoff`]). No request ever waits
@@ -233,7 +316,7 @@
 //!   succeeded, swap, drain started, drained, drain timed out, retired)
 //!   with the generation id, its age, requests served, in-flight count at
 //!   swap and drain duration. Off by default; without it, the events
-//!   compile to nothing.
+//!   compile to nothing. It adds no items to the API.
 //! - `dns`: [`Probe::dns`], a probe that resolves a name with tokio's
 //!   resolver (it turns on tokio's `net` feature). Off by default.
 //! - `reqwest`: `RotatingClient<reqwest::Client>` with reqwest's own
@@ -244,7 +327,8 @@
 //!   (reqwest's defaults include its `rustls` TLS backend), or with
 //!   `default-features = false`, `features = ["rustls"]` or
 //!   `["native-tls"]` to turn TLS on. Without a TLS feature anywhere in
-//!   the build, `https://` requests fail.
+//!   the build, `https://` requests fail. The items it adds are marked
+//!   "Available on crate feature `reqwest` only".
 //!
 //! [`build_ahead`]: RotatingClientLayer::build_ahead
 //! [`build_timeout`]: RotatingClientLayer::build_timeout

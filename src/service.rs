@@ -138,8 +138,9 @@ where
     /// rotation does, which may take as long as the longest open response;
     /// wrap it in `tokio::time::timeout` if that matters.
     ///
-    /// Dropping the future cancels the build and leaves everything as it
-    /// was.
+    /// Dropping the future leaves everything as it was: an async build is
+    /// cancelled; a sync one, running on Tokio's blocking pool, ends there
+    /// and its client is dropped.
     pub async fn rotate(&self) -> Result<GenerationId, RotateError> {
         self.rotator.rotate().await
     }

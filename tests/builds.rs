@@ -1,13 +1,13 @@
-//! Builds that must pass a probe before they become current: the guide's
-//! warm-up recipe, a probe inside the async factory.
+//! Where builds run, and builds that must pass a probe before they become
+//! current: the guide's warm-up recipe, a probe inside the async factory.
 
 mod test_utils;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tower::ServiceExt;
+use tower::{Layer, ServiceExt};
 use tower_rotating_client::{BoxError, GenerationId, RotatingClientLayer};
 
 use test_utils::{advance, served_by, ScriptBody, TagClient};
@@ -96,4 +96,38 @@ async fn a_failing_probe_keeps_the_old_generation_and_backs_off() {
         .await
         .expect("ok");
     assert!(served_by(&response) > 1, "the probed client serves");
+}
+
+/// Only the first build of a sync factory runs on the caller's thread (the
+/// runtime's only thread here); timed builds and those of `rotate()` run on
+/// the blocking pool. `tests/blocking_factory.rs` measures what that spares
+/// the runtime.
+#[tokio::test(start_paused = true)]
+async fn a_sync_factory_builds_on_the_blocking_pool_after_the_first() {
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let client = RotatingClientLayer::new(Duration::from_secs(60))
+        .jitter(0.0)
+        .layer({
+            let threads = Arc::clone(&threads);
+            move || {
+                let mut threads = threads.lock().expect("not poisoned");
+                threads.push(std::thread::current().id());
+                TagClient::new(threads.len())
+            }
+        });
+    assert_eq!(client.rotate().await.expect("builds"), GenerationId(2));
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(client.stats().current_generation, GenerationId(3));
+
+    let runtime = std::thread::current().id();
+    let threads = threads.lock().expect("not poisoned").clone();
+    assert_eq!(threads.len(), 3, "{threads:?}");
+    assert_eq!(
+        threads[0], runtime,
+        "the first build runs inside layer(), on the caller's thread"
+    );
+    assert!(
+        threads[1..].iter().all(|thread| *thread != runtime),
+        "rotate() and the timed rotation build off the runtime's thread: {threads:?}"
+    );
 }

@@ -368,7 +368,7 @@ async fn a_generation_drained_before_its_timeout_retires_at_once_not_forced() {
         .layer(builds.factory());
     let (tx, mut body) = open_stream(&client).await;
     client.rotate().await.expect("builds");
-    advance(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(retired.ids().is_empty(), "the stream is still open");
 
     drop(tx);

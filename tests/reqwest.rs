@@ -444,7 +444,9 @@ async fn try_layer_returns_the_first_error_unchanged() {
 /// Later failures leave the current generation serving, are counted and
 /// retried with backoff, then rotation recovers. The clock is paused only
 /// while no request is in flight (auto-advance would fire timers while the
-/// runtime waits for the kernel).
+/// runtime waits for the kernel); there, the loops sleep rather than jump
+/// the clock, so that it never moves while a build runs on the blocking
+/// pool.
 #[tokio::test]
 async fn try_layer_keeps_serving_through_failed_builds_and_recovers() {
     let server = FixedServer::start(200, "text/plain", "ok").await;
@@ -472,7 +474,7 @@ async fn try_layer_keeps_serving_through_failed_builds_and_recovers() {
         if client.stats().failed_builds == 3 {
             break;
         }
-        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let stats = client.stats();
     assert_eq!(stats.failed_builds, 3, "three failed builds: {stats:?}");
@@ -489,7 +491,7 @@ async fn try_layer_keeps_serving_through_failed_builds_and_recovers() {
         if client.stats().current_generation.0 == 2 {
             break;
         }
-        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let stats = client.stats();
     assert_eq!(stats.current_generation.0, 2, "recovered: {stats:?}");

@@ -316,18 +316,24 @@ impl<Req: Send + 'static, Resp: Send + 'static> Mocks<Req, Resp> {
     }
 }
 
-/// Lets spawned tasks (the driver) run until they are idle. Under paused
-/// time, a 1 ms sleep auto-advances only once every other task is idle.
+/// Lets the driver act on what is due now and finish the builds it starts,
+/// then returns 1 ms of paused time later.
+///
+/// A sync factory builds on tokio's blocking pool, on another thread;
+/// paused time does not auto-advance while a blocking task runs, so this
+/// 1 ms sleep ends only once every build started before it has finished
+/// and been swapped in, at the instant it was due. A build due at the very
+/// instant this returns may still be running: check nothing 1 ms before
+/// something is due.
 pub async fn settle() {
-    for _ in 0..4 {
-        tokio::task::yield_now().await;
-    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
-/// Advances paused time by `by`, in steps, letting the driver act in
-/// between.
+/// Lets `by` of paused time pass timer by timer, then settles: returns
+/// `by` + 1 ms later. Unlike a jump of the clock, every build due on the
+/// way finishes (and swaps) at its own instant.
 pub async fn advance(by: Duration) {
-    tokio::time::advance(by).await;
+    tokio::time::sleep(by).await;
     settle().await;
 }
 
