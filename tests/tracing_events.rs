@@ -19,7 +19,7 @@ use tower::Layer;
 use tower_rotating_client::{Probe, RotatingClient, RotatingClientLayer};
 
 mod test_utils;
-use test_utils::{open_stream, Builds, TagClient};
+use test_utils::{advance, open_stream, settle, Builds, TagClient};
 
 /// What the probe of [`one_probe_lifecycle`] reads, a secret: its value
 /// must never reach a log line.
