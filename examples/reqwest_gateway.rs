@@ -223,7 +223,10 @@ async fn stats(State(gateway): State<Gateway>) -> Json<Value> {
 /// The reload: polls the key file and rotates when its contents change.
 /// The next request goes out through a client built with the new key, and
 /// streams already running finish on the old one. A SIGHUP handler or a
-/// file system watcher would call `rotate()` the same way.
+/// file system watcher would call `rotate()` the same way. Without the
+/// need to print the moment of the reload, `rotate_on_change` with a probe
+/// that returns the file's digest does this in the layer (the guide's
+/// "Credentials without a clock").
 async fn watch_key_file(
     client: RotatingClient<reqwest::Client>,
     path: PathBuf,
