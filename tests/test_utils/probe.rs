@@ -23,7 +23,8 @@ pub enum Answer {
 #[derive(Debug)]
 struct Script {
     answer: Answer,
-    probes: usize,
+    /// When each probe started, first to last.
+    started: Vec<tokio::time::Instant>,
 }
 
 /// The script of a probe. Clones share it; the probe made by
@@ -37,7 +38,7 @@ impl ScriptedProbe {
     pub fn new(value: u64) -> Self {
         ScriptedProbe(Arc::new(Mutex::new(Script {
             answer: Answer::Value(value),
-            probes: 0,
+            started: Vec::new(),
         })))
     }
 
@@ -52,7 +53,16 @@ impl ScriptedProbe {
 
     /// Probes started so far.
     pub fn probes(&self) -> usize {
-        self.script().probes
+        self.script().started.len()
+    }
+
+    /// When the first probe at or after `instant` started, if one has.
+    pub fn first_probe_since(&self, instant: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.script()
+            .started
+            .iter()
+            .copied()
+            .find(|started| *started >= instant)
     }
 
     /// Copies of the script alive besides this one: the probe's own, and
@@ -69,7 +79,7 @@ impl ScriptedProbe {
             async move {
                 let answer = {
                     let mut state = script.script();
-                    state.probes += 1;
+                    state.started.push(tokio::time::Instant::now());
                     state.answer
                 };
                 match answer {
