@@ -28,7 +28,7 @@ impl ClientResponse for Response {
         let url = self.url().clone();
         let (mut parts, body) = http::Response::<Body>::from(self).into_parts();
         if lease.observe {
-            observe_parts(&mut parts, lease.lease.as_ref());
+            parts = observe_parts(parts, lease.lease.as_ref());
         }
         // A fresh builder with one extension cannot fail.
         if let Ok(marker) = http::Response::builder().url(url).body(()) {

@@ -59,10 +59,14 @@ pub(crate) mod sealed {
 /// goes through `attach` without it, on one path, so that it moves in place.
 #[cold]
 #[inline(never)]
-pub(crate) fn observe_parts(parts: &mut http::response::Parts, lease: Option<&Lease>) {
+pub(crate) fn observe_parts(
+    mut parts: http::response::Parts,
+    lease: Option<&Lease>,
+) -> http::response::Parts {
     if let Some(id) = lease.and_then(|lease| lease.on_response(parts.status, &parts.headers)) {
         parts.extensions.insert(id);
     }
+    parts
 }
 
 impl<B: http_body::Body> ClientResponse for http::Response<B> {
@@ -72,7 +76,7 @@ impl<B: http_body::Body> ClientResponse for http::Response<B> {
     fn attach(self, lease: sealed::Attach) -> http::Response<ResponseBody<B>> {
         let (mut parts, body) = self.into_parts();
         if lease.observe {
-            observe_parts(&mut parts, lease.lease.as_ref());
+            parts = observe_parts(parts, lease.lease.as_ref());
         }
         http::Response::from_parts(parts, ResponseBody::new(body, lease.lease))
     }
