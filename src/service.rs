@@ -274,7 +274,7 @@ where
                         client: Mutex::new(client),
                         shard: None,
                         thread,
-                        observe: self.rotator.core().config.observes_responses(),
+                        observe: self.rotator.core().observes,
                     });
                 }
             }
