@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 
 use crate::lease::Lease;
 use crate::response::sealed::Attach;
-use crate::response::{observe, ClientResponse};
+use crate::response::ClientResponse;
 
 pin_project! {
     /// Response future of [`RotatingClient`](crate::RotatingClient).
@@ -25,7 +25,9 @@ pin_project! {
         inner: F,
         lease: Option<Lease>,
         // Whether the outcome needs a look (failure trigger, extension):
-        // kept here so the common case costs one branch, not a call.
+        // tested on the response's parts inside `attach`, and on an error,
+        // so that `poll` has a single output path and the response moves
+        // in place.
         observe: bool,
     }
 }
@@ -49,48 +51,32 @@ where
 {
     type Output = Result<R::Leased, E>;
 
-    #[inline]
+    // Always inlined: into the caller's frame, the response is built where
+    // it is used instead of being copied out of a return slot.
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.observe {
-            // A separate function, so that the common path never takes the
-            // response's address and the compiler can move it in place.
-            return self.poll_observed(cx);
-        }
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let lease = this.lease.take();
-        Poll::Ready(result.map(|response| response.attach(Attach(lease))))
-    }
-}
-
-impl<F, R, E> ResponseFuture<F>
-where
-    F: Future<Output = Result<R, E>>,
-    R: ClientResponse,
-    E: 'static,
-{
-    /// `poll` for a call whose generation watches outcomes: the failure
-    /// trigger judges it, and the response may get a `GenerationId`.
-    #[cold]
-    #[inline(never)]
-    fn poll_observed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R::Leased, E>> {
-        let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        let lease = this.lease.take();
+        let observe = *this.observe;
         Poll::Ready(match result {
-            Ok(mut response) => {
-                if let Some(lease) = &lease {
-                    observe(&mut response, lease);
-                }
-                Ok(response.attach(Attach(lease)))
-            }
+            Ok(response) => Ok(response.attach(Attach { lease, observe })),
             Err(error) => {
-                if let Some(lease) = &lease {
-                    lease.on_error(&error);
+                if observe {
+                    on_error(lease.as_ref(), &error);
                 }
                 Err(error)
             }
         })
+    }
+}
+
+/// Lets the generation judge an error of its client (failure trigger).
+#[cold]
+#[inline(never)]
+fn on_error<E: 'static>(lease: Option<&Lease>, error: &E) {
+    if let Some(lease) = lease {
+        lease.on_error(error);
     }
 }
 

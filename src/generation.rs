@@ -290,6 +290,8 @@ impl<S: 'static> Drop for Outgoing<S> {
 /// last handle is gone needs it to retire itself.
 pub(crate) struct Core<S: 'static> {
     pub(crate) config: Config,
+    /// `config.observes_responses()`, read by every fresh handle.
+    pub(crate) observes: bool,
     hook: std::sync::Arc<dyn OnRetire<S>>,
     /// Weak references to the live generations, oldest first. Touched only
     /// when a generation is built or retired and by `stats()`.
@@ -314,6 +316,7 @@ pub(crate) struct Core<S: 'static> {
 impl<S: Send + 'static> Core<S> {
     fn new(config: Config, hook: std::sync::Arc<dyn OnRetire<S>>) -> Arc<Self> {
         Arc::new(Core {
+            observes: config.observes_responses(),
             config,
             hook,
             request: std::sync::Mutex::new(None),

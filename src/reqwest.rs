@@ -5,12 +5,11 @@
 use std::future::poll_fn;
 
 use ::reqwest::{Body, Client, Error, Request, Response, ResponseBuilderExt};
-use http::{Extensions, HeaderMap, StatusCode};
 use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::response::sealed::{Attach, Sealed};
-use crate::response::ClientResponse;
+use crate::response::{observe_parts, ClientResponse};
 use crate::service::RotatingClient;
 
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
@@ -28,28 +27,19 @@ impl ClientResponse for Response {
     fn attach(self, lease: Attach) -> Response {
         let url = self.url().clone();
         let (mut parts, body) = http::Response::<Body>::from(self).into_parts();
+        if lease.observe {
+            parts = observe_parts(parts, lease.lease.as_ref());
+        }
         // A fresh builder with one extension cannot fail.
         if let Ok(marker) = http::Response::builder().url(url).body(()) {
             parts.extensions.extend(marker.into_parts().0.extensions);
         }
-        let body = Body::wrap(ResponseBody::new(body, lease.0));
+        let body = Body::wrap(ResponseBody::new(body, lease.lease));
         Response::from(http::Response::from_parts(parts, body))
     }
 }
 
-impl Sealed for Response {
-    fn status(&self) -> StatusCode {
-        self.status()
-    }
-
-    fn headers(&self) -> &HeaderMap {
-        self.headers()
-    }
-
-    fn extensions_mut(&mut self) -> &mut Extensions {
-        self.extensions_mut()
-    }
-}
+impl Sealed for Response {}
 
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl RotatingClient<Client> {

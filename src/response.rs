@@ -1,8 +1,6 @@
 //! [`ClientResponse`]: the responses an inner client may return, and how
 //! the generation's lease is attached to each.
 
-use http::{Extensions, HeaderMap, StatusCode};
-
 use crate::body::ResponseBody;
 use crate::lease::Lease;
 
@@ -39,54 +37,49 @@ pub trait ClientResponse: sealed::Sealed {
 }
 
 pub(crate) mod sealed {
-    use super::{Extensions, HeaderMap, Lease, StatusCode};
+    use super::Lease;
 
-    /// The lease on its way into a response's body.
+    /// The lease on its way into a response's body, and whether its
+    /// generation looks at the response head on the way (failure trigger,
+    /// `generation_extension`).
     #[allow(unreachable_pub, missing_debug_implementations)]
-    pub struct Attach(pub(crate) Option<Lease>);
-
-    /// The operations the layer needs on a response. Not nameable outside
-    /// the crate, so `ClientResponse` cannot be implemented elsewhere.
-    #[allow(unreachable_pub)]
-    pub trait Sealed: Sized {
-        /// The response head, for the failure trigger.
-        fn status(&self) -> StatusCode;
-
-        /// The response headers, for the failure trigger.
-        fn headers(&self) -> &HeaderMap;
-
-        /// Where the `GenerationId` extension goes.
-        fn extensions_mut(&mut self) -> &mut Extensions;
+    pub struct Attach {
+        pub(crate) lease: Option<Lease>,
+        pub(crate) observe: bool,
     }
+
+    /// Not nameable outside the crate, so `ClientResponse` cannot be
+    /// implemented elsewhere.
+    #[allow(unreachable_pub)]
+    pub trait Sealed: Sized {}
 }
 
 /// Lets the generation judge the response head (failure trigger) and tag
-/// it (`generation_extension`).
-pub(crate) fn observe<R: ClientResponse>(response: &mut R, lease: &Lease) {
-    if let Some(id) = lease.on_response(response.status(), response.headers()) {
-        response.extensions_mut().insert(id);
+/// it (`generation_extension`). Out of line and cold: the common response
+/// goes through `attach` without it, on one path, so that it moves in place.
+#[cold]
+#[inline(never)]
+pub(crate) fn observe_parts(
+    mut parts: http::response::Parts,
+    lease: Option<&Lease>,
+) -> http::response::Parts {
+    if let Some(id) = lease.and_then(|lease| lease.on_response(parts.status, &parts.headers)) {
+        parts.extensions.insert(id);
     }
+    parts
 }
 
 impl<B: http_body::Body> ClientResponse for http::Response<B> {
     type Leased = http::Response<ResponseBody<B>>;
 
-    #[inline]
+    #[inline(always)]
     fn attach(self, lease: sealed::Attach) -> http::Response<ResponseBody<B>> {
-        self.map(|body| ResponseBody::new(body, lease.0))
+        let (mut parts, body) = self.into_parts();
+        if lease.observe {
+            parts = observe_parts(parts, lease.lease.as_ref());
+        }
+        http::Response::from_parts(parts, ResponseBody::new(body, lease.lease))
     }
 }
 
-impl<B: http_body::Body> sealed::Sealed for http::Response<B> {
-    fn status(&self) -> StatusCode {
-        self.status()
-    }
-
-    fn headers(&self) -> &HeaderMap {
-        self.headers()
-    }
-
-    fn extensions_mut(&mut self) -> &mut Extensions {
-        self.extensions_mut()
-    }
-}
+impl<B: http_body::Body> sealed::Sealed for http::Response<B> {}

@@ -203,7 +203,10 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
-    #[inline]
+    // `poll_ready`, `call` and the paths below are always inlined: in the
+    // caller's frame the reservation and the response's future are built
+    // where they are used, not copied out of return slots.
+    #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.reserved.is_some() {
             // Ready already: stay on the reserved generation until `call`.
@@ -224,7 +227,7 @@ where
         self.poll_lane(cx)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, req: Req) -> Self::Future {
         let (Some(lease), Some(cached)) = (self.reserved.take(), self.cached.as_mut()) else {
             panic!("RotatingClient::call was called before poll_ready returned Ready; call poll_ready (or ServiceExt::ready) first");
@@ -240,8 +243,9 @@ where
 {
     /// The slow path of `poll_ready`: a fresh handle, a new generation, the
     /// second request of a handle, or another thread. Takes the lease in
-    /// this thread's lane, under its lock.
-    #[inline]
+    /// this thread's lane, under its lock. Inlined too: it is the hot path
+    /// of a fresh clone per request.
+    #[inline(always)]
     fn poll_lane<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,
@@ -271,7 +275,7 @@ where
                         client: Mutex::new(client),
                         shard: None,
                         thread,
-                        observe: self.rotator.core().config.observes_responses(),
+                        observe: self.rotator.core().observes,
                     });
                 }
             }
@@ -283,7 +287,7 @@ where
 impl<S: 'static> RotatingClient<S> {
     /// Polls the cached client. On Ready, reserves `current` (or keeps the
     /// existing reservation when `current` is `None`); otherwise lets go.
-    #[inline]
+    #[inline(always)]
     fn poll_cached<Req>(
         &mut self,
         cx: &mut Context<'_>,
