@@ -810,9 +810,10 @@ where
     let steady = layer.layer(move || make.clone());
     let make = inner.clone();
     let rotating = layer.layer(move || make.clone());
-    // `rotate()` with a sync factory completes on its first poll; run it
-    // on the runtime all the same, which also lets the driver task see the
-    // swap, as it would in production.
+    // `rotate()` builds a sync factory's client on tokio's blocking pool
+    // (a hop of some microseconds) and swaps on the runtime, which also
+    // lets the driver task see the swap, as it would in production. Every
+    // 1,000 requests, that cost is spread over them.
     let rotate = || {
         rt.block_on(rotating.rotate())
             .expect("a sync build succeeds");
