@@ -80,7 +80,9 @@ where
 {
     /// Runs `probe` every `period` (less up to 10% each time, at random, so
     /// that replicas do not probe in step). The first probe runs when the
-    /// rotating client starts, and its value is the first generation's.
+    /// rotating client starts, and its value is the first generation's. A
+    /// `period` too long to add to an `Instant` (`Duration::MAX`) probes
+    /// once.
     ///
     /// A probe that returns an error, panics or exceeds its
     /// [`timeout`](Probe::timeout) changes nothing: it is counted in
@@ -326,16 +328,25 @@ where
                 crate::trace::probe_failed(current, &error);
             }
         }
-        let wait = jittered(probe.period, target.random());
+        let Some(next) = next_probe(started, probe.period, target.random()) else {
+            // A period past the end of time (`Duration::MAX`): no next probe.
+            return;
+        };
         // A probe slower than the period runs the next one at once, never
         // two at a time.
-        tokio::time::sleep_until(started + wait).await;
+        tokio::time::sleep_until(next).await;
     }
 }
 
 /// `period * (1 - PROBE_JITTER * u)`.
 fn jittered(period: Duration, u: f64) -> Duration {
     period.saturating_sub(period.mul_f64(PROBE_JITTER * u.clamp(0.0, 1.0)))
+}
+
+/// When the probe after one that started at `started` runs, or `None` if
+/// that is past what an `Instant` can hold.
+fn next_probe(started: Instant, period: Duration, u: f64) -> Option<Instant> {
+    started.checked_add(jittered(period, u))
 }
 
 /// One probe, with its panics and its timeout turned into errors.
@@ -449,7 +460,7 @@ mod tests {
 
     use tokio::time::Instant;
 
-    use super::{jittered, Watch};
+    use super::{jittered, next_probe, Watch};
 
     fn differ(seen: &u32, now: &u32) -> bool {
         seen != now
@@ -537,6 +548,16 @@ mod tests {
         watch.observe(1, vec![1, 2, 3], &grew, t0);
         assert!(!watch.observe(1, vec![1, 2], &grew, t0), "a removal");
         assert!(watch.observe(1, vec![1, 2, 4], &grew, t0), "an addition");
+    }
+
+    #[test]
+    fn a_period_past_the_end_of_time_has_no_next_probe() {
+        let now = Instant::now();
+        assert_eq!(next_probe(now, Duration::MAX, 0.0), None);
+        assert_eq!(
+            next_probe(now, Duration::from_secs(10), 0.0),
+            Some(now + Duration::from_secs(10))
+        );
     }
 
     #[test]

@@ -426,3 +426,13 @@ async fn a_change_seen_while_a_client_builds_is_not_lost() {
         "rotate() and the change: nothing more"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_period_of_duration_max_probes_once_and_never_panics() {
+    let builds = Builds::default();
+    let script = ScriptedProbe::new(1);
+    let client = probed(&builds, script.probe(Duration::MAX));
+    tokio::time::sleep(DAY).await;
+    assert_eq!(script.probes(), 1, "the first probe, then none");
+    assert_eq!(served(&client).await, 1);
+}
