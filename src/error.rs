@@ -19,54 +19,60 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// current generation keeps serving.
 #[derive(Debug)]
 pub struct RotateError {
-    kind: Kind,
+    kind: Failure,
 }
 
+/// How user code run off the request path (a build, a probe) can fail.
 #[derive(Debug)]
-enum Kind {
+pub(crate) enum Failure {
+    /// It returned this error.
     Failed(BoxError),
+    /// It panicked, with this message.
     Panicked(String),
+    /// It did not finish within this time.
     TimedOut(Duration),
+}
+
+impl Failure {
+    pub(crate) fn panicked(payload: &(dyn Any + Send)) -> Self {
+        Failure::Panicked(panic_message(payload))
+    }
+}
+
+impl From<Failure> for RotateError {
+    fn from(kind: Failure) -> Self {
+        RotateError { kind }
+    }
 }
 
 impl RotateError {
     pub(crate) fn failed(error: BoxError) -> Self {
-        RotateError {
-            kind: Kind::Failed(error),
-        }
+        Failure::Failed(error).into()
     }
 
     pub(crate) fn panicked(payload: &(dyn Any + Send)) -> Self {
-        RotateError {
-            kind: Kind::Panicked(panic_message(payload)),
-        }
-    }
-
-    pub(crate) fn timed_out(after: Duration) -> Self {
-        RotateError {
-            kind: Kind::TimedOut(after),
-        }
+        Failure::panicked(payload).into()
     }
 
     /// The factory returned this error.
     pub fn is_failed(&self) -> bool {
-        matches!(self.kind, Kind::Failed(_))
+        matches!(self.kind, Failure::Failed(_))
     }
 
     /// The factory panicked.
     pub fn is_panic(&self) -> bool {
-        matches!(self.kind, Kind::Panicked(_))
+        matches!(self.kind, Failure::Panicked(_))
     }
 
     /// The async factory did not finish within `build_timeout`.
     pub fn is_timeout(&self) -> bool {
-        matches!(self.kind, Kind::TimedOut(_))
+        matches!(self.kind, Failure::TimedOut(_))
     }
 
     /// The factory's own error, if it returned one.
     pub fn into_factory_error(self) -> Option<BoxError> {
         match self.kind {
-            Kind::Failed(error) => Some(error),
+            Failure::Failed(error) => Some(error),
             _ => None,
         }
     }
@@ -86,11 +92,11 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 impl fmt::Display for RotateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Failed(_) => f.write_str("building a new client generation failed"),
-            Kind::Panicked(message) => {
+            Failure::Failed(_) => f.write_str("building a new client generation failed"),
+            Failure::Panicked(message) => {
                 write!(f, "the client factory panicked: {message}")
             }
-            Kind::TimedOut(after) => {
+            Failure::TimedOut(after) => {
                 write!(
                     f,
                     "building a new client generation timed out after {after:?}"
@@ -103,7 +109,7 @@ impl fmt::Display for RotateError {
 impl Error for RotateError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
-            Kind::Failed(error) => Some(error.as_ref()),
+            Failure::Failed(error) => Some(error.as_ref()),
             _ => None,
         }
     }
@@ -111,18 +117,14 @@ impl Error for RotateError {
 
 /// Why a probe saw nothing; traced, never returned to anybody.
 #[derive(Debug)]
-pub(crate) enum ProbeError {
-    Failed(BoxError),
-    Panicked(String),
-    TimedOut(Duration),
-}
+pub(crate) struct ProbeError(pub(crate) Failure);
 
 impl fmt::Display for ProbeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProbeError::Failed(error) => write!(f, "the probe returned an error: {error}"),
-            ProbeError::Panicked(message) => write!(f, "the probe panicked: {message}"),
-            ProbeError::TimedOut(after) => write!(f, "the probe timed out after {after:?}"),
+        match &self.0 {
+            Failure::Failed(error) => write!(f, "the probe returned an error: {error}"),
+            Failure::Panicked(message) => write!(f, "the probe panicked: {message}"),
+            Failure::TimedOut(after) => write!(f, "the probe timed out after {after:?}"),
         }
     }
 }

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 
-use crate::error::{BoxError, RotateError};
+use crate::error::{BoxError, Failure, RotateError};
 
-/// Builds are off the request path, so boxing here costs nothing that
-/// matters.
-type BuildFuture<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
+/// Builds (and probes) are off the request path, so boxing here costs
+/// nothing that matters.
+pub(crate) type BuildFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
 /// A sync build, started on the blocking pool.
 type BlockingBuild<S> = Pin<Box<dyn Future<Output = Result<S, RotateError>> + Send>>;
@@ -81,17 +81,25 @@ impl<S: 'static> Factory<S> {
     pub(crate) async fn build(&self, timeout: Duration) -> Result<S, RotateError> {
         match self {
             Factory::Sync(start) => start().await,
-            Factory::Async(make) => {
-                let fut = catch_unwind(AssertUnwindSafe(|| make()))
-                    .map_err(|panic| RotateError::panicked(panic.as_ref()))?;
-                match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
-                    Err(_elapsed) => Err(RotateError::timed_out(timeout)),
-                    Ok(Err(panic)) => Err(RotateError::panicked(panic.as_ref())),
-                    Ok(Ok(Err(error))) => Err(RotateError::failed(error)),
-                    Ok(Ok(Ok(client))) => Ok(client),
-                }
-            }
+            Factory::Async(make) => guarded(&**make, timeout).await.map_err(Into::into),
         }
+    }
+}
+
+/// Starts `start`'s future and waits for it at most `timeout`; a panic in
+/// either becomes a [`Failure`], as does the timeout. For async builds and
+/// probes.
+pub(crate) async fn guarded<T>(
+    start: &(dyn Fn() -> BuildFuture<T> + Send + Sync),
+    timeout: Duration,
+) -> Result<T, Failure> {
+    let fut =
+        catch_unwind(AssertUnwindSafe(start)).map_err(|panic| Failure::panicked(panic.as_ref()))?;
+    match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
+        Err(_elapsed) => Err(Failure::TimedOut(timeout)),
+        Ok(Err(panic)) => Err(Failure::panicked(panic.as_ref())),
+        Ok(Ok(Err(error))) => Err(Failure::Failed(error)),
+        Ok(Ok(Ok(value))) => Ok(value),
     }
 }
 
@@ -139,7 +147,7 @@ impl<S> fmt::Debug for Factory<S> {
 
 /// Catches a panic while polling a build (or probe) future: its payload
 /// is the error.
-pub(crate) struct CatchUnwind<F: ?Sized>(pub(crate) Pin<Box<F>>);
+struct CatchUnwind<F: ?Sized>(Pin<Box<F>>);
 
 impl<T, F> Future for CatchUnwind<F>
 where

@@ -361,8 +361,9 @@ impl<S: Send + 'static> Core<S> {
 impl<S: 'static> Core<S> {
     /// Asks the background task to rotate generation `id` away. Newer
     /// generations win; a request for an older one is moot. For the same
-    /// generation, a changed probe value wins over other triggers, since it
-    /// also rules out a client built ahead of the change.
+    /// generation, a changed probe value wins over other triggers: it is
+    /// not held back by the failure trigger's minimum interval, and the
+    /// swap is traced as `changed`.
     pub(crate) fn request_rotation(&self, id: u64, reason: Reason) {
         let mut request = self
             .request

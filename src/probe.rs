@@ -10,15 +10,14 @@
 
 use std::fmt;
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{panic_message, BoxError, ProbeError};
-use crate::factory::CatchUnwind;
+use crate::error::{BoxError, ProbeError};
+use crate::factory::{guarded, BuildFuture};
 
 /// Default number of probes in a row that must see the same new value.
 pub(crate) const DEFAULT_CONFIRMATIONS: u32 = 2;
@@ -30,8 +29,7 @@ pub(crate) const DEFAULT_TIMEOUT_MAX: Duration = Duration::from_secs(10);
 /// drawn anew each time, so that replicas started together drift apart.
 pub(crate) const PROBE_JITTER: f64 = 0.1;
 
-type ProbeFuture<V> = Pin<Box<dyn Future<Output = Result<V, BoxError>> + Send>>;
-type MakeProbe<V> = dyn Fn() -> ProbeFuture<V> + Send + Sync;
+type MakeProbe<V> = dyn Fn() -> BuildFuture<V> + Send + Sync;
 type Changed<V> = dyn Fn(&V, &V) -> bool + Send + Sync;
 
 /// A probe for
@@ -114,7 +112,7 @@ where
             timeout: None,
             probe: Arc::new(move || {
                 let fut = probe();
-                Box::pin(async move { fut.await.map_err(Into::into) }) as ProbeFuture<V>
+                Box::pin(async move { fut.await.map_err(Into::into) }) as BuildFuture<V>
             }),
             changed: Arc::new(|seen: &V, now: &V| seen != now),
         }
@@ -311,7 +309,7 @@ where
             return;
         };
         let started = Instant::now();
-        match probe_once(&probe, timeout).await {
+        match guarded(&*probe.probe, timeout).await.map_err(ProbeError) {
             Ok(value) => {
                 // The client may have rotated while the probe ran; the
                 // value is judged against the generation current now.
@@ -347,18 +345,6 @@ fn jittered(period: Duration, u: f64) -> Duration {
 /// that is past what an `Instant` can hold.
 fn next_probe(started: Instant, period: Duration, u: f64) -> Option<Instant> {
     started.checked_add(jittered(period, u))
-}
-
-/// One probe, with its panics and its timeout turned into errors.
-async fn probe_once<V>(probe: &Probe<V>, timeout: Duration) -> Result<V, ProbeError> {
-    let fut = catch_unwind(AssertUnwindSafe(|| (probe.probe)()))
-        .map_err(|panic| ProbeError::Panicked(panic_message(panic.as_ref())))?;
-    match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
-        Err(_elapsed) => Err(ProbeError::TimedOut(timeout)),
-        Ok(Err(panic)) => Err(ProbeError::Panicked(panic_message(panic.as_ref()))),
-        Ok(Ok(Err(error))) => Err(ProbeError::Failed(error)),
-        Ok(Ok(Ok(value))) => Ok(value),
-    }
 }
 
 /// The decision: which value belongs to the current generation, which new
