@@ -50,14 +50,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{CallOutcome, Config, OnRetire};
-use crate::lease::Leased;
 use crate::schedule::{Reason, Rng};
 use crate::shard::{Holder, Shard};
 use crate::stats::{GenerationId, GenerationStats};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Swap, Weak};
-
-/// A lease: a strong reference to one shard of a generation.
-pub(crate) type GenerationShard<S> = Shard<Generation<S>>;
 
 /// The generations of one rotating client: the current slot, the lanes,
 /// and the bookkeeping behind them.
@@ -87,7 +83,7 @@ struct LaneState<S: 'static> {
     /// it replaces. Always attached.
     generation: Arc<Generation<S>>,
     /// This lane's shard of `generation`, made on first use.
-    shard: Option<Arc<GenerationShard<S>>>,
+    shard: Option<Arc<Shard>>,
     /// A clone of `generation`'s client for handles to clone from, made on
     /// first use, so that they need not lock the template.
     client: Option<S>,
@@ -108,15 +104,23 @@ impl<S: 'static> LaneState<S> {
 pub(crate) struct Taken<S: 'static> {
     /// The generation's id.
     pub(crate) id: u64,
-    pub(crate) lease: Arc<GenerationShard<S>>,
+    pub(crate) lease: Arc<Shard>,
     pub(crate) renewal: Renewal<S>,
+}
+
+/// A lease from [`Generations::take_fresh`], with a clone of the client.
+pub(crate) struct Fresh<S: 'static> {
+    /// The generation's id.
+    pub(crate) id: u64,
+    pub(crate) lease: Arc<Shard>,
+    pub(crate) client: S,
 }
 
 /// What a handle keeps from a lane.
 pub(crate) enum Renewal<S: 'static> {
     /// The handle already has this generation's client: a `Weak` to the
     /// lane's shard, for the fast path of its next requests.
-    Weak(Weak<GenerationShard<S>>),
+    Weak(Weak<Shard>),
     /// The handle moves to this generation: a clone of its client. No
     /// `Weak` yet, so that a handle used once (a fresh clone per request)
     /// pays for none; it takes one on its second request.
@@ -207,36 +211,69 @@ impl<S: 'static> Generations<S> {
     /// `None` only if the lane's generation has lost its client to
     /// `drain_timeout`, which needs it detached, so out of the lanes: a
     /// retry sees a newer one.
-    #[inline]
     pub(crate) fn take_lease(&self, thread: usize, have: Option<u64>) -> Option<Taken<S>>
     where
-        S: Clone,
+        S: Clone + Send,
     {
-        let mut lane = self.lanes[thread & (self.lanes.len() - 1)].lock();
+        let mut lane = self.lane(thread).lock();
+        let (id, lease) = lane.lease(thread);
+        let renewal = match (have == Some(id), &lane.shard) {
+            (true, Some(shard)) => Renewal::Weak(Arc::downgrade(shard)),
+            _ => Renewal::Client(lane.client()?),
+        };
+        Some(Taken { id, lease, renewal })
+    }
+
+    /// [`take_lease`](Self::take_lease) for a handle with no client yet:
+    /// the lease and a clone of the client, without the `Weak`.
+    #[inline]
+    pub(crate) fn take_fresh(&self, thread: usize) -> Option<Fresh<S>>
+    where
+        S: Clone + Send,
+    {
+        let mut lane = self.lane(thread).lock();
+        let (id, lease) = lane.lease(thread);
+        let client = lane.client()?;
+        Some(Fresh { id, lease, client })
+    }
+
+    #[inline]
+    fn lane(&self, thread: usize) -> &Lane<S> {
+        &self.lanes[thread & (self.lanes.len() - 1)]
+    }
+}
+
+impl<S: 'static> LaneState<S> {
+    /// A lease on this lane's shard of its generation (made on first use,
+    /// owned by thread `thread`), and the generation's id.
+    #[inline]
+    fn lease(&mut self, thread: usize) -> (u64, Arc<Shard>)
+    where
+        S: Send,
+    {
         let LaneState {
-            generation,
-            shard,
-            client,
-        } = &mut *lane;
+            generation, shard, ..
+        } = self;
         let shard = match shard {
             Some(shard) => shard,
             None => shard.insert(Generation::new_shard(generation, thread)),
         };
-        let lease = Arc::clone(shard);
-        let renewal = if have == Some(generation.id) {
-            Renewal::Weak(Arc::downgrade(shard))
-        } else {
-            let template = match client {
-                Some(client) => client,
-                None => client.insert(generation.clone_client()?),
-            };
-            Renewal::Client(template.clone())
+        (generation.id, Arc::clone(shard))
+    }
+
+    /// A clone of this lane's client, itself cloned from the generation's
+    /// on first use. `None` if the generation has lost its client to
+    /// `drain_timeout`.
+    #[inline]
+    fn client(&mut self) -> Option<S>
+    where
+        S: Clone,
+    {
+        let template = match &mut self.client {
+            Some(client) => client,
+            None => self.client.insert(self.generation.clone_client()?),
         };
-        Some(Taken {
-            id: generation.id,
-            lease,
-            renewal,
-        })
+        Some(template.clone())
     }
 }
 
@@ -471,7 +508,7 @@ pub(crate) struct Generation<S: 'static> {
     /// reference to its shard, which is not a lease).
     in_lanes: AtomicUsize,
     /// Every shard made, for `stats()`. Pruned as shards are made.
-    shards: Mutex<Vec<Weak<GenerationShard<S>>>>,
+    shards: Mutex<Vec<Weak<Shard>>>,
     pub(crate) core: Arc<Core<S>>,
 }
 
@@ -489,7 +526,10 @@ impl<S: Clone + 'static> Generation<S> {
 impl<S: 'static> Generation<S> {
     /// A new shard of `this`, for the lane of thread `thread`. Called with
     /// that lane locked, which keeps `this` attached.
-    fn new_shard(this: &Arc<Self>, thread: usize) -> Arc<GenerationShard<S>> {
+    fn new_shard(this: &Arc<Self>, thread: usize) -> Arc<Shard>
+    where
+        S: Send,
+    {
         // With a request cap, every request is counted on the generation.
         let owner = this.core.config.max_requests.is_none().then_some(thread);
         let shard = Arc::new(Shard::new(Arc::clone(this), owner));
@@ -506,7 +546,7 @@ impl<S: 'static> Generation<S> {
 
     /// The live shards, upgraded. Drop them only after any lock you hold
     /// that retirement takes: the last reference retires.
-    fn live_shards(&self) -> Vec<Arc<GenerationShard<S>>> {
+    fn live_shards(&self) -> Vec<Arc<Shard>> {
         self.shards
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -644,7 +684,7 @@ impl<S: 'static> Generation<S> {
     }
 }
 
-impl<S: Send + 'static> Leased for Generation<S> {
+impl<S: Send + 'static> Holder for Generation<S> {
     fn id(&self) -> u64 {
         self.id
     }
@@ -661,12 +701,6 @@ impl<S: Send + 'static> Leased for Generation<S> {
 
     fn on_error(&self, error: &dyn Any) {
         self.observe(&CallOutcome::Error(error));
-    }
-}
-
-impl<S: 'static> Holder for Generation<S> {
-    fn id(&self) -> u64 {
-        self.id
     }
 
     /// Counts a request; requests a rotation when it reaches the cap.

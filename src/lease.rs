@@ -1,63 +1,33 @@
 //! [`Lease`]: the private guard that response futures and bodies hold on
 //! the generation that served them.
 //!
-//! A lease is a strong reference to one shard of a generation, type-erased
-//! so that the future and body types stay generic over the inner future and
-//! body only. Dropping it is the release: one decrement on the shard's own
-//! cache line. The generation retires when its last shard goes (see
-//! `shard.rs` and `generation.rs`).
+//! A lease is a strong reference to one shard of a generation: one thin
+//! pointer, whatever the client's type, so that the future and body types
+//! stay generic over the inner future and body only. Dropping it is the
+//! release: one decrement on the shard's own cache line. The generation
+//! retires when its last shard goes (see `shard.rs` and `generation.rs`).
 
 use std::any::Any;
 use std::fmt;
 
 use http::{HeaderMap, StatusCode};
 
+use crate::shard::Shard;
 use crate::stats::GenerationId;
 use crate::sync::Arc;
 
-/// What a lease holds on to: a generation's shard, which answers for its
-/// generation.
-pub(crate) trait Leased: Send + Sync + 'static {
-    fn id(&self) -> u64;
-
-    /// A response head arrived from this generation's client. Returns the
-    /// id to add to the response's extensions, if that is on.
-    fn on_response(&self, _status: StatusCode, _headers: &HeaderMap) -> Option<GenerationId> {
-        None
-    }
-
-    /// This generation's client returned an error.
-    fn on_error(&self, _error: &dyn Any) {}
-}
-
-/// A type-erased strong reference to a generation's shard.
-#[cfg(not(loom))]
-pub(crate) struct Lease(Arc<dyn Leased>);
-
-/// Under loom, whose `Arc` (the facade's) cannot be unsized, a box around
-/// the `Arc`.
-#[cfg(loom)]
-pub(crate) struct Lease(Box<dyn Leased>);
-
-#[cfg(loom)]
-impl<L: Leased> Leased for Arc<L> {
-    fn id(&self) -> u64 {
-        L::id(self)
-    }
-}
+/// A strong reference to a generation's shard.
+pub(crate) struct Lease(Arc<Shard>);
 
 impl Lease {
     #[inline]
-    pub(crate) fn new<L: Leased>(leased: Arc<L>) -> Self {
-        #[cfg(not(loom))]
-        return Lease(leased);
-        #[cfg(loom)]
-        return Lease(Box::new(leased));
+    pub(crate) fn new(shard: Arc<Shard>) -> Self {
+        Lease(shard)
     }
 
     /// The id of the generation this lease keeps alive.
     pub(crate) fn generation_id(&self) -> u64 {
-        self.0.id()
+        self.0.generation_id()
     }
 
     #[inline]
@@ -77,6 +47,6 @@ impl Lease {
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Lease").field(&self.0.id()).finish()
+        f.debug_tuple("Lease").field(&self.generation_id()).finish()
     }
 }

@@ -9,10 +9,11 @@ use tower_service::Service;
 
 use crate::error::RotateError;
 use crate::future::ResponseFuture;
-use crate::generation::{GenerationShard, Renewal};
+use crate::generation::Renewal;
 use crate::lease::Lease;
 use crate::response::ClientResponse;
 use crate::rotator::Rotator;
+use crate::shard::Shard;
 use crate::stats::{GenerationId, Stats};
 use crate::sync;
 
@@ -81,7 +82,7 @@ use crate::sync;
 pub struct RotatingClient<S: 'static> {
     rotator: Arc<Rotator<S>>,
     cached: Option<Cached<S>>,
-    reserved: Option<sync::Arc<GenerationShard<S>>>,
+    reserved: Option<sync::Arc<Shard>>,
 }
 
 /// A handle's own clone of one generation's client.
@@ -94,7 +95,7 @@ struct Cached<S: 'static> {
     /// the next `poll_ready` leases it by upgrading this `Weak`, while the
     /// generation is current and the handle on the same thread. A `Weak`
     /// keeps neither the shard's hold nor the client.
-    shard: Option<sync::Weak<GenerationShard<S>>>,
+    shard: Option<sync::Weak<Shard>>,
     /// The thread `shard` belongs to (`sync::thread_index`).
     thread: usize,
     /// Whether responses need a look (failure trigger, extension): read
@@ -186,7 +187,7 @@ impl<S: 'static> fmt::Debug for RotatingClient<S> {
             )
             .field(
                 "reserved_generation",
-                &self.reserved.as_ref().map(|shard| shard.holder().id),
+                &self.reserved.as_ref().map(|shard| shard.generation_id()),
             )
             .field("config", &self.rotator.core().config)
             .finish()
@@ -212,16 +213,23 @@ where
             // Ready already: stay on the reserved generation until `call`.
             return self.poll_cached(cx, None);
         }
+        let Some(cached) = &mut self.cached else {
+            return self.poll_fresh(cx);
+        };
         // Fast path: our client is from the current generation and we are
         // on the thread whose shard we know. One atomic load, one
         // thread-local read, one reference count on this thread's line.
-        if let Some(cached) = &self.cached {
-            if cached.generation == self.rotator.generations().current_id()
-                && cached.thread == sync::thread_index()
-            {
-                if let Some(lease) = cached.shard.as_ref().and_then(sync::Weak::upgrade) {
-                    return self.poll_cached(cx, Some(lease));
-                }
+        if cached.generation == self.rotator.generations().current_id()
+            && cached.thread == sync::thread_index()
+        {
+            if let Some(lease) = cached.shard.as_ref().and_then(sync::Weak::upgrade) {
+                return match cached.client().poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.reserved = Some(lease);
+                        Poll::Ready(Ok(()))
+                    }
+                    not_ready => self.not_ready(not_ready),
+                };
             }
         }
         self.poll_lane(cx)
@@ -241,11 +249,41 @@ impl<S> RotatingClient<S>
 where
     S: Clone + Send + 'static,
 {
-    /// The slow path of `poll_ready`: a fresh handle, a new generation, the
-    /// second request of a handle, or another thread. Takes the lease in
-    /// this thread's lane, under its lock. Inlined too: it is the hot path
-    /// of a fresh clone per request.
+    /// `poll_ready` of a handle with no client yet (every fresh clone):
+    /// takes the lease and a clone of the client in this thread's lane,
+    /// under its lock. Inlined: it is the hot path of a fresh clone per
+    /// request.
     #[inline(always)]
+    fn poll_fresh<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
+    where
+        S: Service<Req>,
+    {
+        self.rotator.ensure_driver();
+        let thread = sync::thread_index();
+        let generations = self.rotator.generations();
+        // `None` would mean the lane's generation had lost its client to
+        // `drain_timeout`. That takes the client only from a detached
+        // generation, which a swap has already taken out of every lane, so
+        // the retry finds the newer one.
+        let fresh = loop {
+            if let Some(fresh) = generations.take_fresh(thread) {
+                break fresh;
+            }
+        };
+        self.cached = Some(Cached {
+            generation: fresh.id,
+            client: Mutex::new(fresh.client),
+            shard: None,
+            thread,
+            observe: self.rotator.core().observes,
+        });
+        self.poll_cached(cx, Some(fresh.lease))
+    }
+
+    /// The slow path of `poll_ready` for a handle with a client: a new
+    /// generation, its second request, or another thread. Takes the lease
+    /// in this thread's lane, under its lock.
+    #[inline(never)]
     fn poll_lane<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,
@@ -255,10 +293,7 @@ where
         let generations = self.rotator.generations();
         loop {
             let have = self.cached.as_ref().map(|cached| cached.generation);
-            // `None` would mean the lane's generation had lost its client
-            // to `drain_timeout`. That takes the client only from a
-            // detached generation, which a swap has already taken out of
-            // every lane, so the retry finds the newer one.
+            // `None`: as in `poll_fresh`.
             let Some(taken) = generations.take_lease(thread, have) else {
                 continue;
             };
@@ -291,7 +326,7 @@ impl<S: 'static> RotatingClient<S> {
     fn poll_cached<Req>(
         &mut self,
         cx: &mut Context<'_>,
-        current: Option<sync::Arc<GenerationShard<S>>>,
+        current: Option<sync::Arc<Shard>>,
     ) -> Poll<Result<(), S::Error>>
     where
         S: Service<Req>,
@@ -306,19 +341,24 @@ impl<S: 'static> RotatingClient<S> {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(error)) => {
-                // A failed client is not reused; the next poll takes a
-                // fresh clone.
-                self.reserved = None;
-                self.cached = None;
-                Poll::Ready(Err(error))
-            }
-            Poll::Pending => {
-                // A handle waiting for readiness reserves nothing.
-                self.reserved = None;
-                Poll::Pending
+            not_ready => {
+                drop(current);
+                self.not_ready(not_ready)
             }
         }
+    }
+
+    /// The cached client was not ready: a handle waiting for readiness
+    /// reserves nothing, and a failed client is not reused (the next poll
+    /// takes a fresh clone).
+    #[cold]
+    #[inline(never)]
+    fn not_ready<E>(&mut self, poll: Poll<Result<(), E>>) -> Poll<Result<(), E>> {
+        self.reserved = None;
+        if let Poll::Ready(Err(_)) = &poll {
+            self.cached = None;
+        }
+        poll
     }
 }
 

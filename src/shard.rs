@@ -1,7 +1,9 @@
 //! [`Shard`]: one of a generation's lease counters, alone on its cache line.
 //!
 //! A lease is a strong reference to a shard, and a shard holds its
-//! generation. Each thread takes its leases on the shard of its own lane
+//! generation, type-erased, so that a lease is one thin `Arc<Shard>` and the
+//! response future and body stay generic over the inner future and body
+//! only. Each thread takes its leases on the shard of its own lane
 //! (see `generation.rs`), so on the request path a thread writes only its
 //! own shard's line: one compare-exchange to take a lease (`Weak::upgrade`),
 //! one decrement to release it, and a plain store to count the request.
@@ -19,12 +21,11 @@ use std::sync::atomic::Ordering;
 
 use http::{HeaderMap, StatusCode};
 
-use crate::lease::Leased;
 use crate::stats::GenerationId;
-use crate::sync::{self, Arc, AtomicU64};
+use crate::sync::{self, AtomicU64};
 
 /// What a shard belongs to: a generation (or, in unit tests, a stand-in).
-pub(crate) trait Holder {
+pub(crate) trait Holder: Send + Sync + 'static {
     /// The generation's id.
     fn id(&self) -> u64;
 
@@ -35,14 +36,45 @@ pub(crate) trait Holder {
     /// A shard is gone: fold in the `requests` it counted and release the
     /// hold it had.
     fn shard_dropped(&self, requests: u64);
+
+    /// A response head arrived from this generation's client. Returns the
+    /// id to add to the response's extensions, if that is on.
+    fn on_response(&self, _status: StatusCode, _headers: &HeaderMap) -> Option<GenerationId> {
+        None
+    }
+
+    /// This generation's client returned an error.
+    fn on_error(&self, _error: &dyn Any) {}
+}
+
+/// The holder, type-erased: an `Arc<dyn Holder>`, or under loom (whose
+/// `Arc` cannot be unsized) a box around the facade's `Arc`.
+#[cfg(not(loom))]
+type Erased = std::sync::Arc<dyn Holder>;
+#[cfg(loom)]
+type Erased = Box<dyn Holder>;
+
+#[cfg(loom)]
+impl<T: Holder> Holder for sync::Arc<T> {
+    fn id(&self) -> u64 {
+        T::id(self)
+    }
+
+    fn count_request(&self) {
+        T::count_request(self);
+    }
+
+    fn shard_dropped(&self, requests: u64) {
+        T::shard_dropped(self, requests);
+    }
 }
 
 /// One lease counter of a generation: the strong count of its `Arc`, plus
 /// the requests counted on it. Aligned so that no other allocation shares
 /// its cache line (128 bytes: adjacent-line prefetch pairs 64-byte lines).
 #[repr(align(128))]
-pub(crate) struct Shard<T: Holder> {
-    holder: Arc<T>,
+pub(crate) struct Shard {
+    holder: Erased,
     /// The thread that counts on `owned` with a plain store; `None` when
     /// every request is counted on the holder.
     owner: Option<usize>,
@@ -54,10 +86,14 @@ pub(crate) struct Shard<T: Holder> {
     shared: AtomicU64,
 }
 
-impl<T: Holder> Shard<T> {
+impl Shard {
     /// A shard of `holder` whose requests are counted alone by the thread
     /// `owner`, or, with `None`, each on the holder.
-    pub(crate) fn new(holder: Arc<T>, owner: Option<usize>) -> Self {
+    pub(crate) fn new<T: Holder>(holder: sync::Arc<T>, owner: Option<usize>) -> Self {
+        #[cfg(not(loom))]
+        let holder: Erased = holder;
+        #[cfg(loom)]
+        let holder: Erased = Box::new(holder);
         Shard {
             holder,
             owner,
@@ -66,8 +102,23 @@ impl<T: Holder> Shard<T> {
         }
     }
 
-    pub(crate) fn holder(&self) -> &Arc<T> {
-        &self.holder
+    /// The id of the generation this shard belongs to.
+    pub(crate) fn generation_id(&self) -> u64 {
+        self.holder.id()
+    }
+
+    /// Lets the generation judge a response head (see [`Holder`]).
+    pub(crate) fn on_response(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<GenerationId> {
+        self.holder.on_response(status, headers)
+    }
+
+    /// Lets the generation judge an error of its client.
+    pub(crate) fn on_error(&self, error: &dyn Any) {
+        self.holder.on_error(error);
     }
 
     /// Counts one request served under a lease on this shard.
@@ -99,7 +150,7 @@ impl<T: Holder> Shard<T> {
     }
 }
 
-impl<T: Holder> Drop for Shard<T> {
+impl Drop for Shard {
     fn drop(&mut self) {
         // The last reference is gone, so every count happened before this.
         // Read them with read-modify-writes, which see the latest value
@@ -111,24 +162,10 @@ impl<T: Holder> Drop for Shard<T> {
     }
 }
 
-impl<T: Holder + Leased> Leased for Shard<T> {
-    fn id(&self) -> u64 {
-        Holder::id(&*self.holder)
-    }
-
-    fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
-        self.holder.on_response(status, headers)
-    }
-
-    fn on_error(&self, error: &dyn Any) {
-        self.holder.on_error(error);
-    }
-}
-
-impl<T: Holder> fmt::Debug for Shard<T> {
+impl fmt::Debug for Shard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shard")
-            .field("generation", &Holder::id(&*self.holder))
+            .field("generation", &self.generation_id())
             .field("owner", &self.owner)
             .field("requests", &self.requests())
             .finish()
@@ -141,7 +178,6 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::{Holder, Shard};
-    use crate::lease::Leased;
     use crate::sync::thread_index;
 
     /// Records what its shards report.
@@ -149,12 +185,6 @@ mod tests {
     struct Recorder {
         counted: AtomicU64,
         dropped: Mutex<Vec<u64>>,
-    }
-
-    impl Leased for Recorder {
-        fn id(&self) -> u64 {
-            7
-        }
     }
 
     impl Holder for Recorder {
@@ -173,7 +203,7 @@ mod tests {
 
     #[test]
     fn a_shard_is_alone_on_its_cache_line() {
-        assert_eq!(std::mem::align_of::<Shard<Recorder>>(), 128);
+        assert_eq!(std::mem::align_of::<Shard>(), 128);
     }
 
     #[test]
