@@ -4,7 +4,8 @@
 //! Each model asserts that a generation is never retired while a lease
 //! holds it, that every generation is retired exactly once, and that none
 //! is leaked (loom also fails a model that leaks an `Arc`). Leases are
-//! taken as the service takes them: in a lane (`take_lease`), or on the
+//! taken as the service takes them: in a lane (`take_fresh` for a handle
+//! without a client, `take_lease` for one renewing), or on the
 //! fast path by upgrading a `Weak` to a shard, through the facade's
 //! `Arc`/`Weak` pair, whose strong count is a loom atomic.
 
@@ -79,15 +80,12 @@ impl Log {
 /// What a fresh handle does in `poll_ready` + `call`: lease in its
 /// thread's lane, clone the client there, count the request.
 fn lease_current(generations: &Generations<Client>) -> (u64, Lease) {
-    let taken = generations
-        .take_lease(sync::thread_index(), None)
+    let fresh = generations
+        .take_fresh(sync::thread_index())
         .expect("the lane's generation is never force-retired");
-    let Renewal::Client(client) = taken.renewal else {
-        panic!("a handle without a client gets one");
-    };
-    assert_eq!(client.0, taken.id);
-    taken.lease.count_request();
-    (taken.id, Lease::new(taken.lease))
+    assert_eq!(fresh.client.0, fresh.id);
+    fresh.lease.count_request();
+    (fresh.id, Lease::new(fresh.lease))
 }
 
 /// Runs `f` under every interleaving loom explores (at most 3
