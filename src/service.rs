@@ -54,16 +54,19 @@ use crate::sync;
 /// used on the thread it last used, pays two atomic read-modify-writes,
 /// both on its thread's shard: one to take the lease in `poll_ready` (a
 /// `Weak` upgrade) and one to release it when the body ends. Besides that:
-/// one atomic load (which generation is current), two thread-local reads,
-/// and a plain store to count the request. Nothing on this path writes a
+/// one atomic load (which generation is current), one thread-local read
+/// (in `call`, which thread counts the request) and a plain store to count
+/// it. Nothing on this path writes a
 /// cache line that another thread writes, allocates, reads a clock or
 /// reads the shared configuration (whether responses need a look, for the
 /// failure trigger or the generation extension, is copied into the handle
 /// once per generation and tested once per response).
 ///
 /// A handle on a generation it has not used before (every fresh clone, and
-/// every handle after a rotation), on its second request, or on another
-/// thread, takes the lease under its lane's lock instead, and clones the
+/// every handle after a rotation), on its second request, or after a
+/// request on another thread (which `call` notices, and which still used
+/// the old thread's shard), takes the lease under its lane's lock instead,
+/// and clones the
 /// client kept in the lane. The lane also keeps one clone of the current
 /// client per lane in use, dropped at the next swap. The first request in
 /// a lane after a swap allocates that lane's shard (256 bytes). The lanes
@@ -93,10 +96,12 @@ struct Cached<S: 'static> {
     client: Mutex<S>,
     /// The shard of this thread's lane, once the handle has used it twice:
     /// the next `poll_ready` leases it by upgrading this `Weak`, while the
-    /// generation is current and the handle on the same thread. A `Weak`
-    /// keeps neither the shard's hold nor the client.
+    /// generation is current. `call` drops it when the request was counted
+    /// on another thread than `thread`. A `Weak` keeps neither the shard's
+    /// hold nor the client.
     shard: Option<sync::Weak<Shard>>,
-    /// The thread `shard` belongs to (`sync::thread_index`).
+    /// The thread whose lane `shard` is in, or would be in
+    /// (`sync::thread_index`).
     thread: usize,
     /// Whether responses need a look (failure trigger, extension): read
     /// from the config once per handle and generation, not per request.
@@ -216,12 +221,10 @@ where
         let Some(cached) = &mut self.cached else {
             return self.poll_fresh(cx);
         };
-        // Fast path: our client is from the current generation and we are
-        // on the thread whose shard we know. One atomic load, one
-        // thread-local read, one reference count on this thread's line.
-        if cached.generation == self.rotator.generations().current_id()
-            && cached.thread == sync::thread_index()
-        {
+        // Fast path: our client is from the current generation and we know
+        // our thread's shard. One atomic load and one reference count on
+        // this thread's line; `call` checks the thread.
+        if cached.generation == self.rotator.generations().current_id() {
             if let Some(lease) = cached.shard.as_ref().and_then(sync::Weak::upgrade) {
                 return match cached.client().poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
@@ -240,7 +243,12 @@ where
         let (Some(lease), Some(cached)) = (self.reserved.take(), self.cached.as_mut()) else {
             panic!("RotatingClient::call was called before poll_ready returned Ready; call poll_ready (or ServiceExt::ready) first");
         };
-        lease.count_request();
+        if lease.count_request() != cached.thread {
+            // The handle has moved to another thread: this request used
+            // the old thread's shard, the next one takes a lease in this
+            // thread's lane.
+            cached.shard = None;
+        }
         ResponseFuture::new(cached.client().call(req), Lease::new(lease), cached.observe)
     }
 }

@@ -121,16 +121,20 @@ impl Shard {
         self.holder.on_error(error);
     }
 
-    /// Counts one request served under a lease on this shard.
+    /// Counts one request served under a lease on this shard. Returns the
+    /// calling thread's `sync::thread_index()`, which it reads anyway, so
+    /// that the handle can tell whether it has moved to another thread.
     #[inline]
-    pub(crate) fn count_request(&self) {
-        if self.owner == Some(sync::thread_index()) {
+    pub(crate) fn count_request(&self) -> usize {
+        let thread = sync::thread_index();
+        if self.owner == Some(thread) {
             // Only the owner writes `owned`: no read-modify-write needed.
             let owned = self.owned.load(Ordering::Relaxed);
             self.owned.store(owned + 1, Ordering::Relaxed);
         } else {
             self.count_shared();
         }
+        thread
     }
 
     #[cold]
