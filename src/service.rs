@@ -109,6 +109,19 @@ struct Cached<S: 'static> {
 }
 
 impl<S> Cached<S> {
+    /// A handle's clone `client` of generation `generation`, taken in the
+    /// lane of thread `thread`; no `Weak` yet.
+    #[inline(always)]
+    fn new(generation: u64, client: S, thread: usize, rotator: &Rotator<S>) -> Self {
+        Cached {
+            generation,
+            client: Mutex::new(client),
+            shard: None,
+            thread,
+            observe: rotator.core().observes,
+        }
+    }
+
     #[inline]
     fn client(&mut self) -> &mut S {
         self.client
@@ -278,19 +291,14 @@ where
                 break fresh;
             }
         };
-        self.cached = Some(Cached {
-            generation: fresh.id,
-            client: Mutex::new(fresh.client),
-            shard: None,
-            thread,
-            observe: self.rotator.core().observes,
-        });
+        self.cached = Some(Cached::new(fresh.id, fresh.client, thread, &self.rotator));
         self.poll_cached(cx, Some(fresh.lease))
     }
 
     /// The slow path of `poll_ready` for a handle with a client: a new
-    /// generation, its second request, or another thread. Takes the lease
-    /// in this thread's lane, under its lock.
+    /// generation, its second request, or its first after a request on
+    /// another thread. Takes the lease in this thread's lane, under its
+    /// lock.
     #[inline(never)]
     fn poll_lane<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
     where
@@ -313,13 +321,7 @@ where
                     }
                 }
                 Renewal::Client(client) => {
-                    self.cached = Some(Cached {
-                        generation: taken.id,
-                        client: Mutex::new(client),
-                        shard: None,
-                        thread,
-                        observe: self.rotator.core().observes,
-                    });
+                    self.cached = Some(Cached::new(taken.id, client, thread, &self.rotator));
                 }
             }
             return self.poll_cached(cx, Some(taken.lease));
