@@ -56,19 +56,18 @@ use crate::sync;
 /// `Weak` upgrade) and one to release it when the body ends. Besides that:
 /// one atomic load (which generation is current), one thread-local read
 /// (in `call`, which thread counts the request) and a plain store to count
-/// it. Nothing on this path writes a
-/// cache line that another thread writes, allocates, reads a clock or
-/// reads the shared configuration (whether responses need a look, for the
-/// failure trigger or the generation extension, is copied into the handle
-/// once per generation and tested once per response).
+/// it. Nothing on this path writes a cache line that another thread
+/// writes, allocates, reads a clock or reads the shared configuration
+/// (whether responses need a look, for the failure trigger or the
+/// generation extension, is copied into the handle once per generation and
+/// tested once per response).
 ///
 /// A handle on a generation it has not used before (every fresh clone, and
 /// every handle after a rotation), on its second request, or after a
 /// request on another thread (which `call` notices, and which still used
 /// the old thread's shard), takes the lease under its lane's lock instead,
-/// and clones the
-/// client kept in the lane. The lane also keeps one clone of the current
-/// client per lane in use, dropped at the next swap. The first request in
+/// and clones the client kept in the lane. The lane also keeps one clone of
+/// the current client per lane in use, dropped at the next swap. The first request in
 /// a lane after a swap allocates that lane's shard (256 bytes). The lanes
 /// themselves take 128 bytes each, per rotating client: 1 KiB on 2 cores,
 /// 32 KiB on 64 (at most 1,024 lanes).
