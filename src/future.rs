@@ -24,20 +24,15 @@ pin_project! {
         #[pin]
         inner: F,
         lease: Option<Lease>,
-        // Whether the outcome needs a look (failure trigger, extension):
-        // copied from the handle at `call`, so that `poll` reads no shared
-        // state.
-        observe: bool,
     }
 }
 
 impl<F> ResponseFuture<F> {
     #[inline]
-    pub(crate) fn new(inner: F, lease: Lease, observe: bool) -> Self {
+    pub(crate) fn new(inner: F, lease: Lease) -> Self {
         ResponseFuture {
             inner,
             lease: Some(lease),
-            observe,
         }
     }
 }
@@ -61,7 +56,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        if *this.observe {
+        if this.lease.as_ref().is_some_and(Lease::observes) {
             return Poll::Ready(observed(result, this.lease.take()));
         }
         let lease = this.lease.take();

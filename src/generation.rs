@@ -327,8 +327,6 @@ impl<S: 'static> Drop for Outgoing<S> {
 /// last handle is gone needs it to retire itself.
 pub(crate) struct Core<S: 'static> {
     pub(crate) config: Config,
-    /// `config.observes_responses()`, read by every fresh handle.
-    pub(crate) observes: bool,
     hook: std::sync::Arc<dyn OnRetire<S>>,
     /// Weak references to the live generations, oldest first. Touched only
     /// when a generation is built or retired and by `stats()`.
@@ -353,7 +351,6 @@ pub(crate) struct Core<S: 'static> {
 impl<S: Send + 'static> Core<S> {
     fn new(config: Config, hook: std::sync::Arc<dyn OnRetire<S>>) -> Arc<Self> {
         Arc::new(Core {
-            observes: config.observes_responses(),
             config,
             hook,
             request: std::sync::Mutex::new(None),
@@ -532,7 +529,8 @@ impl<S: 'static> Generation<S> {
     {
         // With a request cap, every request is counted on the generation.
         let owner = this.core.config.max_requests.is_none().then_some(thread);
-        let shard = Arc::new(Shard::new(Arc::clone(this), owner));
+        let observes = this.core.config.observes_responses();
+        let shard = Arc::new(Shard::new(Arc::clone(this), owner, observes));
         this.holds.fetch_add(1, Ordering::AcqRel);
         this.in_lanes.fetch_add(1, Ordering::AcqRel);
         let mut shards = this
@@ -690,7 +688,7 @@ impl<S: Send + 'static> Holder for Generation<S> {
     }
 
     // Called only when the config observes responses: `ResponseFuture`
-    // checks the flag it was given at `call`.
+    // checks the lease's shard (`Shard::observes`).
     fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
         self.observe(&CallOutcome::Response { status, headers });
         self.core

@@ -25,6 +25,13 @@ impl Lease {
         Lease(shard)
     }
 
+    /// Whether the generation looks at every outcome (failure trigger,
+    /// generation extension).
+    #[inline]
+    pub(crate) fn observes(&self) -> bool {
+        self.0.observes()
+    }
+
     /// The id of the generation this lease keeps alive.
     pub(crate) fn generation_id(&self) -> u64 {
         self.0.generation_id()

@@ -59,8 +59,8 @@ use crate::sync;
 /// it. Nothing on this path writes a cache line that another thread
 /// writes, allocates, reads a clock or reads the shared configuration
 /// (whether responses need a look, for the failure trigger or the
-/// generation extension, is copied into the handle once per generation and
-/// tested once per response).
+/// generation extension, is kept in each shard and tested once per
+/// response).
 ///
 /// A handle on a generation it has not used before (every fresh clone, and
 /// every handle after a rotation), on its second request, or after a
@@ -102,22 +102,18 @@ struct Cached<S: 'static> {
     /// The thread whose lane `shard` is in, or would be in
     /// (`sync::thread_index`).
     thread: usize,
-    /// Whether responses need a look (failure trigger, extension): read
-    /// from the config once per handle and generation, not per request.
-    observe: bool,
 }
 
 impl<S> Cached<S> {
     /// A handle's clone `client` of generation `generation`, taken in the
     /// lane of thread `thread`; no `Weak` yet.
     #[inline(always)]
-    fn new(generation: u64, client: S, thread: usize, rotator: &Rotator<S>) -> Self {
+    fn new(generation: u64, client: S, thread: usize) -> Self {
         Cached {
             generation,
             client: Mutex::new(client),
             shard: None,
             thread,
-            observe: rotator.core().observes,
         }
     }
 
@@ -261,7 +257,7 @@ where
             // thread's lane.
             cached.shard = None;
         }
-        ResponseFuture::new(cached.client().call(req), Lease::new(lease), cached.observe)
+        ResponseFuture::new(cached.client().call(req), Lease::new(lease))
     }
 }
 
@@ -290,7 +286,7 @@ where
                 break fresh;
             }
         };
-        self.cached = Some(Cached::new(fresh.id, fresh.client, thread, &self.rotator));
+        self.cached = Some(Cached::new(fresh.id, fresh.client, thread));
         self.poll_cached(cx, Some(fresh.lease))
     }
 
@@ -320,7 +316,7 @@ where
                     }
                 }
                 Renewal::Client(client) => {
-                    self.cached = Some(Cached::new(taken.id, client, thread, &self.rotator));
+                    self.cached = Some(Cached::new(taken.id, client, thread));
                 }
             }
             return self.poll_cached(cx, Some(taken.lease));

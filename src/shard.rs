@@ -78,6 +78,9 @@ pub(crate) struct Shard {
     /// The thread that counts on `owned` with a plain store; `None` when
     /// every request is counted on the holder.
     owner: Option<usize>,
+    /// Whether the holder looks at every outcome (failure trigger,
+    /// generation extension): read by each response future, on this line.
+    observes: bool,
     /// Requests counted by the owner thread: written by that thread only,
     /// so a load and a store count exactly, without a read-modify-write.
     owned: AtomicU64,
@@ -89,7 +92,11 @@ pub(crate) struct Shard {
 impl Shard {
     /// A shard of `holder` whose requests are counted alone by the thread
     /// `owner`, or, with `None`, each on the holder.
-    pub(crate) fn new<T: Holder>(holder: sync::Arc<T>, owner: Option<usize>) -> Self {
+    pub(crate) fn new<T: Holder>(
+        holder: sync::Arc<T>,
+        owner: Option<usize>,
+        observes: bool,
+    ) -> Self {
         #[cfg(not(loom))]
         let holder: Erased = holder;
         #[cfg(loom)]
@@ -97,9 +104,16 @@ impl Shard {
         Shard {
             holder,
             owner,
+            observes,
             owned: AtomicU64::new(0),
             shared: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the generation looks at every outcome of its client.
+    #[inline]
+    pub(crate) fn observes(&self) -> bool {
+        self.observes
     }
 
     /// The id of the generation this shard belongs to.
@@ -213,7 +227,11 @@ mod tests {
     #[test]
     fn owner_and_other_threads_both_count_exactly() {
         let recorder = Arc::new(Recorder::default());
-        let shard = Arc::new(Shard::new(Arc::clone(&recorder), Some(thread_index())));
+        let shard = Arc::new(Shard::new(
+            Arc::clone(&recorder),
+            Some(thread_index()),
+            false,
+        ));
         for _ in 0..5 {
             shard.count_request();
         }
@@ -239,7 +257,7 @@ mod tests {
     #[test]
     fn a_shard_without_owner_counts_each_request_on_its_holder() {
         let recorder = Arc::new(Recorder::default());
-        let shard = Shard::new(Arc::clone(&recorder), None);
+        let shard = Shard::new(Arc::clone(&recorder), None, false);
         shard.count_request();
         shard.count_request();
         assert_eq!(recorder.counted.load(Ordering::Relaxed), 2);
