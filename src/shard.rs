@@ -67,6 +67,14 @@ impl<T: Holder> Holder for sync::Arc<T> {
     fn shard_dropped(&self, requests: u64) {
         T::shard_dropped(self, requests);
     }
+
+    fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> Option<GenerationId> {
+        T::on_response(self, status, headers)
+    }
+
+    fn on_error(&self, error: &dyn Any) {
+        T::on_error(self, error);
+    }
 }
 
 /// One lease counter of a generation: the strong count of its `Arc`, plus
@@ -91,7 +99,8 @@ pub(crate) struct Shard {
 
 impl Shard {
     /// A shard of `holder` whose requests are counted alone by the thread
-    /// `owner`, or, with `None`, each on the holder.
+    /// `owner`, or, with `None`, each on the holder. `observes`: whether
+    /// the holder looks at every outcome of its client.
     pub(crate) fn new<T: Holder>(
         holder: sync::Arc<T>,
         owner: Option<usize>,
