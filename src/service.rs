@@ -369,9 +369,114 @@ impl<S: 'static> RotatingClient<S> {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::Body;
+    use http_body_util::Full;
+    use tower::Layer;
+    use tower_service::Service;
+
     use super::RotatingClient;
+    use crate::sync::thread_index;
+    use crate::RotatingClientLayer;
 
     fn assert_send_sync<T: Send + Sync>() {}
+
+    type Answer = http::Response<Full<Bytes>>;
+
+    /// A client that answers at once with a one-chunk body.
+    #[derive(Clone)]
+    struct Trivial;
+
+    impl Service<http::Request<()>> for Trivial {
+        type Response = Answer;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Answer, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: http::Request<()>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Full::new(Bytes::from_static(b"x")))))
+        }
+    }
+
+    /// One request, answered and read to its end at once.
+    fn request(handle: &mut RotatingClient<Trivial>) {
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(handle.poll_ready(&mut cx).is_ready(), "the client is ready");
+        let future = pin!(handle.call(http::Request::new(())));
+        let Poll::Ready(Ok(response)) = future.poll(&mut cx) else {
+            panic!("the client answers at once");
+        };
+        let mut body = pin!(response.into_body());
+        while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(&mut cx) {
+            assert!(frame.is_ok(), "an infallible body");
+        }
+    }
+
+    /// Where the handle's next lease comes from: the thread its shard's
+    /// lane is for, if it keeps a `Weak` to one.
+    fn weak_lane(handle: &RotatingClient<Trivial>) -> Option<usize> {
+        handle
+            .cached
+            .as_ref()
+            .filter(|cached| cached.shard.is_some())
+            .map(|cached| cached.thread)
+    }
+
+    #[test]
+    fn a_handle_that_moved_to_another_thread_takes_its_next_leases_in_its_new_lane() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        let _entered = rt.enter();
+        let mut handle = RotatingClientLayer::new(Duration::from_secs(3600)).layer(|| Trivial);
+        request(&mut handle);
+        request(&mut handle);
+        let home = thread_index();
+        assert_eq!(
+            weak_lane(&handle),
+            Some(home),
+            "the second request took the Weak"
+        );
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let here = thread_index();
+                assert_ne!(here, home);
+                request(&mut handle);
+                assert_eq!(
+                    weak_lane(&handle),
+                    None,
+                    "the request on the old thread's shard lets go of its Weak"
+                );
+                request(&mut handle);
+                assert_eq!(
+                    weak_lane(&handle),
+                    Some(here),
+                    "the lease in this thread's lane"
+                );
+                request(&mut handle);
+                assert_eq!(
+                    weak_lane(&handle),
+                    Some(here),
+                    "and the fast path stays there"
+                );
+            });
+        });
+        let stats = handle.stats();
+        assert_eq!(
+            stats.generations[0].requests, 5,
+            "every request counted once"
+        );
+    }
 
     #[test]
     fn a_handle_is_send_and_sync_over_a_client_that_is_only_send() {
