@@ -378,12 +378,13 @@ mod tests {
     use bytes::Bytes;
     use http_body::Body;
     use http_body_util::Full;
-    use tower::Layer;
     use tower_service::Service;
 
     use super::RotatingClient;
+    use crate::config::{Config, OnRetire};
+    use crate::factory::Factory;
+    use crate::rotator::Rotator;
     use crate::sync::thread_index;
-    use crate::RotatingClientLayer;
 
     fn assert_send_sync<T: Send + Sync>() {}
 
@@ -438,7 +439,10 @@ mod tests {
             .build()
             .expect("a runtime");
         let _entered = rt.enter();
-        let mut handle = RotatingClientLayer::new(Duration::from_secs(3600)).layer(|| Trivial);
+        let factory = Factory::from_sync(|| Ok::<_, Infallible>(Trivial));
+        let hook = std::sync::Arc::new(()) as std::sync::Arc<dyn OnRetire<Trivial>>;
+        let config = Config::new(Duration::from_secs(3600));
+        let mut handle = RotatingClient::new(Rotator::new(config, hook, factory, Trivial));
         request(&mut handle);
         request(&mut handle);
         let home = thread_index();
