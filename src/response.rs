@@ -41,7 +41,9 @@ pub(crate) mod sealed {
 
     /// The lease on its way into a response's body, and whether its
     /// generation looks at the response head on the way (failure trigger,
-    /// `generation_extension`).
+    /// `generation_extension`). The flag could be read from the lease;
+    /// `ResponseFuture` passes it as a constant instead, so that the common
+    /// path's `attach` has no branch (and no copy of the head for one).
     #[allow(unreachable_pub, missing_debug_implementations)]
     pub struct Attach {
         pub(crate) lease: Option<Lease>,
@@ -56,7 +58,8 @@ pub(crate) mod sealed {
 
 /// Lets the generation judge the response head (failure trigger) and tag
 /// it (`generation_extension`). Out of line and cold: the common response
-/// goes through `attach` without it, on one path, so that it moves in place.
+/// goes through `attach` with its flag a constant `false`, so that it moves
+/// in place.
 #[cold]
 #[inline(never)]
 pub(crate) fn observe_parts(
