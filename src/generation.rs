@@ -63,8 +63,11 @@ pub(crate) struct Generations<S: 'static> {
     /// `poll_ready`: a handle whose cached client has this id only needs
     /// to upgrade its `Weak`, not to lock its lane.
     current_id: AtomicU64,
-    /// One per `thread index & (len - 1)`; the length is a power of two.
+    /// One per `thread index & mask`; the length is a power of two.
     lanes: Box<[Lane<S>]>,
+    /// `lanes.len() - 1`, kept so that picking a lane is one `and` and a
+    /// bounds check.
+    mask: usize,
     /// Keeps the slot, `current_id` and the lanes in step when two swaps
     /// race. The service serialises its swaps with its rotation lock
     /// already; this makes `install` safe on its own, which the loom models
@@ -137,12 +140,13 @@ impl<S: Send + 'static> Generations<S> {
     ) -> Self {
         let core = Core::new(config, hook);
         let generation = Core::new_generation(&core, first, lifetime);
-        let lanes = (0..sync::shard_count())
+        let lanes: Box<[Lane<S>]> = (0..sync::shard_count())
             .map(|_| Lane(Mutex::new(LaneState::new(Arc::clone(&generation)))))
             .collect();
         Generations {
             current_id: AtomicU64::new(generation.id),
             current: Swap::new(generation),
+            mask: lanes.len() - 1,
             lanes,
             install: Mutex::new(()),
             core,
@@ -239,7 +243,7 @@ impl<S: 'static> Generations<S> {
 
     #[inline]
     fn lane(&self, thread: usize) -> &Lane<S> {
-        &self.lanes[thread & (self.lanes.len() - 1)]
+        &self.lanes[thread & self.mask]
     }
 }
 
