@@ -66,15 +66,15 @@
 //!   `bare` loop measured 41 and 55 ns a few minutes apart), and that drift
 //!   lands on whichever variant runs at the time;
 //! - the interleaved pass, the reference: after criterion's samples of a
-//!   group, 31 rounds in which every variant of the group runs 100,000
-//!   requests (per thread) in turn, each round starting one variant
-//!   further. Drift then falls on all variants alike, and the medians over
+//!   group, 31 rounds in which every variant of the group runs in turn as
+//!   many requests (per thread) as `bare` serves in 10 ms, at least
+//!   100,000, each round starting one variant further. Drift then falls on all variants alike, and the medians over
 //!   the rounds compare designs within one column.
 //!
 //! Each benchmark warms up for 0.5 s and measures for 2 s (criterion's
 //! defaults: 3 s + 5 s), and criterion draws no HTML plots. A full
-//! `cargo bench --bench hot_path` (30 benchmarks and the interleaved pass)
-//! took 2 min 17 s on the reference machine (two cores);
+//! `cargo bench --bench hot_path` (41 benchmarks and the interleaved pass)
+//! took 3 min 16 s on the reference machine (two cores);
 //! `cargo bench --bench hot_path -- --quick` is a shorter run;
 //! `cargo test --bench hot_path` runs each variant once, as a smoke test.
 
@@ -801,10 +801,31 @@ where
     }
 }
 
-/// Rounds of the interleaved pass, and requests per variant and round (per
-/// thread in the multi-thread columns): about 10-20 ms each.
+/// Rounds of the interleaved pass.
 const ROUNDS: usize = 31;
-const PER_ROUND: u64 = 100_000;
+
+/// How long `bare` runs in each round of the interleaved pass; the other
+/// variants run as many requests, for longer. A fixed 100,000 requests
+/// took 1.4 ms on a fast host, too short for the threads of the
+/// multi-thread columns to run side by side: `bare` ran no faster on two
+/// threads than on one, and no design showed contention.
+const ROUND: Duration = Duration::from_millis(10);
+
+/// Requests per variant and round (per thread in the multi-thread
+/// columns): as many as `bare` serves in [`ROUND`] by criterion's median
+/// of this column, and at least 100,000.
+fn per_round(samples: &Samples, mode: Mode) -> u64 {
+    let threads = match mode {
+        Mode::Threads(n) => n,
+        Mode::Single | Mode::ClonePerRequest => 1,
+    };
+    let bare = samples.median_ns(&format!("{}/bare", mode.group()));
+    bare.map_or(100_000, |ns| {
+        // `ns` is wall time per request over all threads.
+        let requests = ROUND.as_secs_f64() * 1e9 / (ns * threads as f64);
+        (requests as u64).max(100_000)
+    })
+}
 
 /// Benchmarks each runner with criterion, then, unless criterion is only
 /// testing (one iteration each), runs the interleaved pass: `ROUNDS`
@@ -830,12 +851,13 @@ fn bench_runners(
     if samples.count(&format!("{}/bare", mode.group())) < 10 {
         return;
     }
+    let per_round = per_round(samples, mode);
     for round in 0..ROUNDS {
         for k in 0..runners.len() {
             let runner = &mut runners[(round + k) % runners.len()];
-            let elapsed = runner.run(PER_ROUND);
+            let elapsed = runner.run(per_round);
             let key = format!("interleaved/{}/{}", mode.group(), runner.id);
-            samples.record(&key, PER_ROUND, elapsed);
+            samples.record(&key, per_round, elapsed);
         }
     }
 }
@@ -1139,8 +1161,8 @@ fn main() {
         return;
     }
     // Shorter than criterion's defaults (3 s + 5 s per benchmark), and no
-    // HTML plots (they added over a minute), so that the 30 benchmarks take
-    // about 2 minutes; arguments still override the times.
+    // HTML plots (they added over a minute), so that the 41 benchmarks take
+    // about 3 minutes; arguments still override the times.
     let mut criterion = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
