@@ -31,7 +31,7 @@ use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use tower::{Layer, ServiceExt};
-use tower_rotating_client::{ResponseBody, RotatingClient, RotatingClientLayer};
+use tower_rotating_client::{GenerationId, ResponseBody, RotatingClient, RotatingClientLayer};
 
 use test_utils::{BodyError, Builds, RetireLog, ScriptBody, Step, TagClient};
 
@@ -366,6 +366,28 @@ async fn an_empty_body_never_holds() {
     assert!(!held(&probe), "HEAD / 204: nothing to wait for");
     assert!(body.is_end_stream());
     assert_eq!(body.size_hint().exact(), Some(0));
+}
+
+/// A generation that looks at each response (here for the generation
+/// extension) keeps the lease until the head is judged, then lets an empty
+/// body go like any other.
+#[tokio::test]
+async fn an_empty_body_never_holds_when_its_generation_looks_at_responses() {
+    let client = RotatingClientLayer::new(Duration::from_secs(3600))
+        .generation_extension(true)
+        .layer(Builds::default().factory());
+    let response = client
+        .clone()
+        .oneshot(http::Request::new(ScriptBody::empty()))
+        .await
+        .expect("infallible");
+    assert_eq!(
+        response.extensions().get::<GenerationId>(),
+        Some(&GenerationId(1)),
+        "the head was judged with the lease"
+    );
+    assert!(!held(&client), "HEAD / 204: nothing to wait for");
+    assert!(!response.body().holds_generation());
 }
 
 #[tokio::test]

@@ -212,6 +212,30 @@ async fn an_open_body_keeps_its_generation_until_it_ends_or_drops() {
     assert_eq!(retired.ids(), vec![1, 2]);
 }
 
+/// A 204, whose body is empty from the start, holds no generation, also
+/// when the generation looks at each response (the tests' layer adds the
+/// generation extension): the generation it came from retires at once.
+#[tokio::test]
+async fn an_empty_response_holds_nothing() {
+    let server = FixedServer::start(204, "text/plain", "").await;
+    let retired = RetireLog::default();
+    let client = layer().on_retire(retired.hook()).layer(Client::new);
+    let response = client
+        .execute(get(&server.url("/")))
+        .await
+        .expect("a response");
+    assert_eq!(response.status(), 204);
+    assert_eq!(served_by(&response), 1, "the head was judged");
+    assert_eq!(client.stats().in_flight(), 0, "nothing to wait for");
+    client.rotate().await.expect("rotation builds");
+    assert_eq!(
+        retired.ids(),
+        vec![1],
+        "retired while the response is still alive"
+    );
+    drop(response);
+}
+
 #[tokio::test]
 async fn url_json_text_and_error_for_status_work() {
     let json = FixedServer::start(200, "application/json", r#"{"name":"rotating","n":3}"#).await;
