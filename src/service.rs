@@ -67,10 +67,10 @@ use crate::sync;
 /// request on another thread (which `call` notices, and which still used
 /// the old thread's shard), takes the lease under its lane's lock instead,
 /// and clones the client kept in the lane. The lane also keeps one clone of
-/// the current client per lane in use, dropped at the next swap. The first request in
-/// a lane after a swap allocates that lane's shard (256 bytes). The lanes
-/// themselves take 128 bytes each, per rotating client: 1 KiB on 2 cores,
-/// 32 KiB on 64 (at most 1,024 lanes).
+/// the current client per lane in use, dropped at the next swap. The first
+/// request in a lane after a swap allocates that lane's shard (256 bytes).
+/// The lanes themselves take 128 bytes each, per rotating client: 1 KiB on
+/// 2 cores, 32 KiB on 64 (at most 1,024 lanes).
 ///
 /// With `max_requests_per_generation` set, every request is also counted
 /// on the generation itself (one more read-modify-write, on a line shared
