@@ -74,7 +74,7 @@
 //! Each benchmark warms up for 0.5 s and measures for 2 s (criterion's
 //! defaults: 3 s + 5 s), and criterion draws no HTML plots. A full
 //! `cargo bench --bench hot_path` (41 benchmarks and the interleaved pass)
-//! took 3 min 16 s on the reference machine (two cores);
+//! took 3 min 21 s on the reference machine (two cores);
 //! `cargo bench --bench hot_path -- --quick` is a shorter run;
 //! `cargo test --bench hot_path` runs each variant once, as a smoke test.
 
